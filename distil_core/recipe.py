@@ -1,0 +1,240 @@
+"""One distillation, end to end: prepare (data, teacher, teacher outputs; all cached) then distil.
+
+`prepare` is what a search runs once before its trials; `distill` is what each trial runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import set_seed
+
+from . import data as data_mod
+from .config import Config, LossConfig, OptimConfig, save_config
+from .errors import UserInputError
+from .losses import make_projection
+from .student import StudentSpec, build_student, describe_student
+from .tasks import Task, compute_metrics, get_task
+from .teacher import (
+    LiveTeacher,
+    ensure_finetuned,
+    load_mlm_teacher,
+    load_task_teacher,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_teacher,
+    teacher_outputs,
+)
+from .trainer import Callback, Trainer, TrainResult, latest_checkpoint, pick_device, predict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs besides the student; cheap to rebuild from the caches."""
+
+    cfg: Config
+    task: Task
+    tokenizer: Any
+    teacher: torch.nn.Module
+    teacher_identity: str
+    teacher_metrics: dict[str, float]
+    train: Any  # tokenized datasets.Dataset
+    dev: dict[str, Any]  # split name -> tokenized dataset
+    collate: Callable
+    signal: Any  # CachedTeacherOutputs or LiveTeacher
+    device: torch.device
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def task_kind(self) -> str:
+        if self.cfg.objective == "mlm":
+            return "mlm"
+        return "regression" if self.task.is_regression else "classification"
+
+
+def task_evaluator(task: Task, dev: dict[str, Any], collate: Callable, batch_size: int, device) -> Callable:
+    """model -> dev metrics; the first dev split's keys are plain, others are prefixed (MNLI mismatched)."""
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for i, (split, ds) in enumerate(dev.items()):
+            metrics = compute_metrics(task, *predict(model, ds, collate, batch_size, device))
+            out.update(metrics if i == 0 else {f"{split}_{k}": v for k, v in metrics.items()})
+        return out
+
+    return evaluate
+
+
+def mlm_evaluator(heldout, collate: Callable, batch_size: int, device, seed: int) -> Callable:
+    """Masked-LM loss and accuracy on a held-out slice, with the same masks at every evaluation."""
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        total, correct, count = 0.0, 0, 0
+        with torch.random.fork_rng(devices=[]):  # fixed masks, and the training RNG is left alone
+            torch.manual_seed(seed)
+            for start in range(0, len(heldout), batch_size):
+                rows = heldout[start : start + batch_size]
+                batch = collate([dict(zip(rows, v)) for v in zip(*rows.values())])
+                inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "idx")}
+                labels = batch["labels"].to(device)
+                logits = model(**inputs).logits.float()
+                valid = labels != -100
+                total += torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum").item()
+                correct += (logits[valid].argmax(-1) == labels[valid]).sum().item()
+                count += int(valid.sum())
+        return {"mlm_loss": total / max(count, 1), "mlm_accuracy": correct / max(count, 1)}
+
+    return evaluate
+
+
+def _finetune_fn(cfg: Config, task: Task, train, collate, evaluate, device, progress: bool) -> Callable:
+    ft = cfg.teacher.finetune
+    optim = OptimConfig(lr=ft.lr, batch_size=ft.batch_size, epochs=ft.epochs, max_steps=ft.max_steps,
+                        warmup_ratio=ft.warmup_ratio, weight_decay=ft.weight_decay, eval_every=10**9)
+    hard_only = LossConfig(alpha_kd=0.0, alpha_hard=1.0, alpha_cos=0.0, alpha_mse=0.0)
+    kind = "regression" if task.is_regression else "classification"
+
+    def finetune(model: torch.nn.Module, out_dir: Path) -> dict[str, float]:
+        set_seed(cfg.seed)
+        result = Trainer(model, task_kind=kind, train_data=train, collate_fn=collate, optim=optim, loss=hard_only,
+                         seed=cfg.seed, evaluate=evaluate, main_metric=task.main_metric, out_dir=out_dir,
+                         tensorboard=False, progress=progress, keep_checkpoints=1, device=device).train()
+        if result.status != "completed":
+            raise UserInputError(f"teacher fine-tuning failed: {result.message}; lower teacher.finetune.lr")
+        return {k.removeprefix("dev/"): v for k, v in result.metrics.items()}
+
+    return finetune
+
+
+def prepare(cfg: Config, progress: bool = True, device: torch.device | None = None) -> Prepared:
+    device = device or pick_device()
+    cache = cfg.cache_root()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    source = resolve_teacher(cfg.teacher.name)
+    tokenizer = load_tokenizer(source)
+    task = get_task(cfg.data.task)
+    if cfg.objective == "mlm":
+        corpus = data_mod.tokenize_corpus(data_mod.load_corpus(cfg.data.corpus), tokenizer, cfg.data.max_length,
+                                          cache_dir=str(cache / "tokenized"))
+        split = corpus.train_test_split(test_size=min(1000, max(1, len(corpus) // 20)), seed=cfg.seed)
+        train = data_mod.train_subset(split["train"], cfg.data.train_limit, cfg.seed)
+        collate = data_mod.mlm_collator(tokenizer, cfg.data.mlm_probability)
+        teacher = load_mlm_teacher(source).to(device)
+        timings["data_s"] = time.perf_counter() - t0
+        return Prepared(cfg, task, tokenizer, teacher, model_fingerprint(source), {}, train, {"heldout": split["test"]},
+                        collate, LiveTeacher(teacher), device, timings)
+
+    files = {k: v for k, v in (("train", cfg.data.train_file), ("dev", cfg.data.dev_file)) if v}
+    raw_train = data_mod.load_glue(task.name, "train", cfg.data.data_dir, files or None)
+    raw_train = data_mod.train_subset(raw_train, cfg.data.train_limit, cfg.seed)
+    tok_dir = str(cache / "tokenized")
+    train = data_mod.tokenize_task(raw_train, tokenizer, task, cfg.data.max_length, cache_dir=tok_dir)
+    dev = {}
+    for split in task.dev_splits:
+        raw = data_mod.train_subset(data_mod.load_glue(task.name, split, cfg.data.data_dir, files or None),
+                                    cfg.data.dev_limit, cfg.seed)
+        dev[split] = data_mod.tokenize_task(raw, tokenizer, task, cfg.data.max_length, cache_dir=tok_dir)
+    collate = data_mod.task_collator(tokenizer)
+    timings["data_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    teacher, has_head = load_task_teacher(source, task.num_labels, task.is_regression)
+    evaluate = task_evaluator(task, dev, collate, cfg.optim.eval_batch_size, device)
+    identity, metrics = model_fingerprint(source), {}
+    if not has_head:
+        key_parts = {"task": task.name, "train": train._fingerprint, "finetune": vars(cfg.teacher.finetune),
+                     "seed": cfg.seed}
+        done = ensure_finetuned(source, teacher, tokenizer, key_parts, cache,
+                                _finetune_fn(cfg, task, train, collate, evaluate, device, progress))
+        teacher, identity = done.model, f"finetuned:{done.identity}"
+        log.info("teacher %s (%s): %s", "reused from cache" if done.from_cache else "fine-tuned", done.path, done.metrics)
+    teacher.to(device).eval()
+    timings["teacher_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    need_hidden = cfg.loss.alpha_cos > 0
+    signal = teacher_outputs(teacher, identity, train, collate, cache, need_hidden, device, cfg.optim.eval_batch_size)
+    dev_first = next(iter(dev.values()))
+    dev_out = teacher_outputs(teacher, identity, dev_first, collate, cache, False, device, cfg.optim.eval_batch_size)
+    metrics = compute_metrics(task, dev_out.logits[:].astype("float32"), dev_first["labels"][:])
+    timings["teacher_outputs_s"] = time.perf_counter() - t0
+    return Prepared(cfg, task, tokenizer, teacher, identity, metrics, train, dev, collate, signal, device, timings)
+
+
+def build_run_student(prep: Prepared) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    s = prep.cfg.student
+    spec = StudentSpec(num_layers=s.num_layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
+                       ffn_ratio=s.ffn_ratio, init=s.init)
+    try:
+        student = build_student(prep.teacher, spec, num_labels=prep.task.num_labels, mlm=prep.cfg.objective == "mlm")
+    except ValueError as e:
+        raise UserInputError(str(e)) from None
+    projection = None
+    if prep.cfg.loss.alpha_cos > 0:
+        projection = make_projection(student.config.hidden_size, prep.teacher.config.hidden_size)
+    return student, projection
+
+
+def distill(
+    cfg: Config,
+    prep: Prepared | None = None,
+    callbacks: tuple[Callback, ...] = (),
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run one distillation into cfg.output.dir; returns (and writes) metrics.json's content."""
+    wall0 = time.perf_counter()
+    out = Path(cfg.output.dir)
+    ckpt = latest_checkpoint(out) if resume else None
+    if not resume and out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserInputError(f"output.dir {out} already holds a run: pass --resume to continue it or --overwrite")
+    # Everything that can reject the input runs before output.dir is touched.
+    prep = prep or prepare(cfg, progress=progress)
+    set_seed(cfg.seed)
+    student, projection = build_run_student(prep)
+    if overwrite and not resume:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    if prep.task_kind == "mlm":
+        evaluate = mlm_evaluator(prep.dev["heldout"], prep.collate, cfg.optim.eval_batch_size, prep.device, cfg.seed)
+        main_metric = "mlm_accuracy"
+    else:
+        evaluate = task_evaluator(prep.task, prep.dev, prep.collate, cfg.optim.eval_batch_size, prep.device)
+        main_metric = prep.task.main_metric
+    trainer = Trainer(student, task_kind=prep.task_kind, train_data=prep.train, collate_fn=prep.collate,
+                      optim=cfg.optim, loss=cfg.loss, seed=cfg.seed, evaluate=evaluate, main_metric=main_metric,
+                      teacher=prep.signal, projection=projection, out_dir=out, callbacks=callbacks,
+                      tensorboard=cfg.output.tensorboard, progress=progress, keep_checkpoints=cfg.output.keep_checkpoints,
+                      device=prep.device)
+    result: TrainResult = trainer.train(resume_from=ckpt)
+    if result.status == "completed":
+        student.save_pretrained(out / "student")
+        prep.tokenizer.save_pretrained(out / "student")
+    summary = {
+        "status": result.status,
+        "message": result.message,
+        "step": result.step,
+        "main_metric": main_metric,
+        "metrics": result.metrics,
+        "teacher_metrics": {f"dev/{k}": v for k, v in prep.teacher_metrics.items()},
+        "student": describe_student(student, cfg.data.max_length),
+        "teacher": describe_student(prep.teacher, cfg.data.max_length),
+        "train_seconds": result.train_seconds,
+        "wall_seconds": time.perf_counter() - wall0,
+        "prepare_seconds": prep.timings,
+        "history": result.history,
+    }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

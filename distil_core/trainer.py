@@ -1,0 +1,334 @@
+"""The training loop: AdamW + linear warmup/decay, clipping, accumulation, bf16 on CUDA,
+evaluation with callbacks, TensorBoard scalars, exact-resume checkpoints.
+
+The same loop fine-tunes a teacher (no teacher outputs, hard loss only) and distils a student.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from transformers import get_linear_schedule_with_warmup
+
+from .config import LossConfig, OptimConfig
+from .losses import LossWeights, combine_losses
+
+Batch = dict[str, torch.Tensor]
+
+
+class TeacherSignal(Protocol):
+    """Where the teacher's logits/hidden states for a batch come from (a cache or a live model)."""
+
+    def outputs(self, batch: Batch, need_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+@dataclass
+class EvalEvent:
+    step: int
+    total_steps: int
+    epoch: float
+    metrics: dict[str, float]  # dev metrics, prefixed "dev/"
+    train_logs: dict[str, float]  # mean loss terms since the last evaluation
+    checkpoint: Path | None
+    train_seconds: float
+    examples_seen: int
+
+
+class Callback(Protocol):
+    def on_evaluate(self, event: EvalEvent) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" or "diverged"
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)  # last dev evaluation
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    message: str = ""
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device):
+    # bf16 autocast where the hardware has it; full fp32 on the CPU keeps runs reproducible.
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def rows_to_batch(dataset, indices: list[int], collate_fn: Callable) -> Batch:
+    cols = dataset[indices]
+    return collate_fn([dict(zip(cols, vals)) for vals in zip(*cols.values())])
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        task_kind: str,  # "classification" | "regression" | "mlm"
+        train_data,
+        collate_fn: Callable,
+        optim: OptimConfig,
+        loss: LossConfig,
+        seed: int,
+        evaluate: Callable[[torch.nn.Module], dict[str, float]],
+        main_metric: str,
+        teacher: TeacherSignal | None = None,
+        projection: torch.nn.Module | None = None,
+        out_dir: Path | None = None,
+        callbacks: tuple[Callback, ...] = (),
+        tensorboard: bool = True,
+        progress: bool = True,
+        keep_checkpoints: int = 2,
+        device: torch.device | None = None,
+    ):
+        self.device = device or pick_device()
+        self.model = model.to(self.device)
+        self.projection = projection.to(self.device) if projection is not None else None
+        self.task_kind, self.train_data, self.collate_fn = task_kind, train_data, collate_fn
+        self.optim_cfg, self.loss_cfg, self.seed = optim, loss, seed
+        self.weights = LossWeights(loss.alpha_kd, loss.alpha_hard, loss.alpha_cos, loss.alpha_mse)
+        if teacher is None and (self.weights.alpha_kd or self.weights.alpha_cos or self.weights.alpha_mse):
+            raise ValueError("teacher terms have weight > 0 but no teacher was given")
+        self.teacher, self.evaluate_fn, self.main_metric = teacher, evaluate, main_metric
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.callbacks, self.progress, self.keep = callbacks, progress, keep_checkpoints
+        self.tb = None
+        if tensorboard and self.out_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out_dir / "tb"))
+
+        n = len(train_data)
+        self.micro_per_epoch = math.ceil(n / optim.batch_size)
+        steps_per_epoch = math.ceil(self.micro_per_epoch / optim.grad_accum)
+        self.total_steps = optim.max_steps or max(1, math.ceil(optim.epochs * steps_per_epoch))
+        params = list(self.model.parameters()) + (list(self.projection.parameters()) if self.projection else [])
+        self.params = params
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]  # biases and LayerNorms, as BERT does
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=optim.lr,
+        )
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, int(optim.warmup_ratio * self.total_steps), self.total_steps
+        )
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.train_seconds = 0.0
+
+    # ---- data order: a pure function of (seed, epoch), so resuming needs only the step ----
+    def _micro_batch(self, micro: int) -> Batch:
+        epoch, pos = divmod(micro, self.micro_per_epoch)
+        order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.seed + epoch))
+        bs = self.optim_cfg.batch_size
+        idx = order[pos * bs : (pos + 1) * bs].tolist()
+        return {k: v.to(self.device) for k, v in rows_to_batch(self.train_data, idx, self.collate_fn).items()}
+
+    def _loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        need_hidden = self.weights.alpha_cos > 0
+        teacher_logits = teacher_hidden = None
+        if self.teacher is not None:
+            with torch.no_grad(), autocast(self.device):
+                teacher_logits, teacher_hidden = self.teacher.outputs(batch, need_hidden)
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "idx")}
+        with autocast(self.device):
+            out = self.model(**inputs, output_hidden_states=need_hidden)
+        labels = batch["labels"]
+        return combine_losses(
+            self.weights,
+            task_kind=self.task_kind,
+            temperature=self.loss_cfg.temperature,
+            student_logits=out.logits,
+            labels=labels,
+            teacher_logits=teacher_logits,
+            student_hidden=out.hidden_states[-1] if need_hidden else None,
+            teacher_hidden=teacher_hidden,
+            attention_mask=batch["attention_mask"],
+            projection=self.projection,
+            kd_mask=(labels != -100) if self.task_kind == "mlm" else None,
+        )
+
+    def _train_step(self) -> dict[str, float]:
+        self.model.train()
+        accum = self.optim_cfg.grad_accum
+        sums: dict[str, float] = {}
+        for k in range(accum):
+            loss, logs = self._loss(self._micro_batch(self.step * accum + k))
+            if not torch.isfinite(loss):
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
+                raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step + 1} ({terms})")
+            (loss / accum).backward()
+            for name, v in logs.items():
+                sums[name] = sums.get(name, 0.0) + v / accum
+        clip = self.optim_cfg.grad_clip or float("inf")
+        sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        sums["lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return sums
+
+    def train(self, resume_from: Path | None = None) -> TrainResult:
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        window: dict[str, float] = {}
+        window_n, metrics = 0, (self.history[-1]["metrics"] if self.history else {})
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                logs = self._train_step()
+                dt = time.perf_counter() - t0
+                self.train_seconds += dt
+                examples = self.optim_cfg.batch_size * self.optim_cfg.grad_accum
+                logs["examples_per_s"] = examples / dt
+                for k, v in logs.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_n += 1
+                if self.tb:
+                    for k, v in logs.items():
+                        self.tb.add_scalar(k if "/" in k else f"train/{k}", v, self.step)
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{logs['loss/total']:.3f}", **{self.main_metric: metrics.get(f"dev/{self.main_metric}", float("nan"))})
+                if self.step % self.optim_cfg.eval_every == 0 or self.step == self.total_steps:
+                    metrics = self._evaluate_and_checkpoint({k: v / window_n for k, v in window.items()})
+                    window, window_n = {}, 0
+        except NonFiniteLossError as e:
+            return self._finish(TrainResult("diverged", self.step, metrics, self.history, self.train_seconds, str(e)))
+        finally:
+            if bar:
+                bar.close()
+        return self._finish(TrainResult("completed", self.step, metrics, self.history, self.train_seconds))
+
+    def _finish(self, result: TrainResult) -> TrainResult:
+        if self.tb:
+            self.tb.flush()
+            self.tb.close()
+        return result
+
+    def _evaluate_and_checkpoint(self, train_logs: dict[str, float]) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad(), autocast(self.device):
+            metrics = {f"dev/{k}": float(v) for k, v in self.evaluate_fn(self.model).items()}
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, self.step)
+            self.tb.flush()
+        epoch = self.step * self.optim_cfg.grad_accum / self.micro_per_epoch
+        examples = self.step * self.optim_cfg.batch_size * self.optim_cfg.grad_accum
+        self.history.append({"step": self.step, "epoch": epoch, "metrics": metrics, "train": train_logs,
+                             "train_seconds": self.train_seconds})
+        ckpt = self.save_checkpoint() if self.out_dir else None
+        event = EvalEvent(self.step, self.total_steps, epoch, metrics, train_logs, ckpt, self.train_seconds, examples)
+        for cb in self.callbacks:
+            cb.on_evaluate(event)
+        return metrics
+
+    # ---- checkpoints: safetensors weights; optimizer, scheduler and RNG state; exact resume ----
+    def save_checkpoint(self) -> Path:
+        root = self.out_dir / "checkpoints"
+        final = root / f"step-{self.step:08d}"
+        tmp = root / f".tmp-step-{self.step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model(self.model, str(tmp / "model.safetensors"))
+        if self.projection is not None:
+            save_model(self.projection, str(tmp / "projection.safetensors"))
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            tmp / "optimizer.pt",
+        )
+        np_state = np.random.get_state()
+        state = {
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "history": self.history,
+            "python_rng": _jsonable(random.getstate()),
+            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # a checkpoint folder is complete or absent
+        for old in sorted(root.glob("step-*"))[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        path = Path(path)
+        load_model(self.model, str(path / "model.safetensors"), device=str(self.device))
+        if self.projection is not None:
+            load_model(self.projection, str(path / "projection.safetensors"), device=str(self.device))
+        state = torch.load(path / "optimizer.pt", weights_only=True, map_location=self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        meta = json.loads((path / "trainer_state.json").read_text())
+        self.step, self.train_seconds, self.history = meta["step"], meta["train_seconds"], meta["history"]
+        random.setstate(_tupled(meta["python_rng"]))
+        np_rng = meta["numpy_rng"]
+        np.random.set_state((np_rng[0], np.array(np_rng[1], dtype=np.uint32), *np_rng[2:]))
+
+
+def forward_batches(model, data, collate_fn: Callable, batch_size: int, device: torch.device, need_hidden: bool = False):
+    """Eval-mode forward over a dataset in order: yields (batch, logits, last hidden or None) on the CPU."""
+    model.eval()
+    with torch.no_grad(), autocast(device):
+        for start in range(0, len(data), batch_size):
+            batch = rows_to_batch(data, list(range(start, min(start + batch_size, len(data)))), collate_fn)
+            inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "idx")}
+            out = model(**inputs, output_hidden_states=need_hidden)
+            hidden = out.hidden_states[-1].float().cpu() if need_hidden else None
+            yield batch, out.logits.float().cpu(), hidden
+
+
+def predict(model, data, collate_fn: Callable, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels for a whole split."""
+    logits, labels = [], []
+    for batch, out, _ in forward_batches(model, data, collate_fn, batch_size, device):
+        logits.append(out.numpy())
+        labels.append(batch["labels"].numpy())
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = sorted((Path(out_dir) / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def _jsonable(x: Any) -> Any:
+    return [_jsonable(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _tupled(x: Any) -> Any:
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x

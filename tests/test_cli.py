@@ -1,0 +1,60 @@
+"""The CLI as a user meets it: a real subprocess, clear one-line errors, no tracebacks."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tiny import write_sst2, write_tiny_teacher
+
+ROOT = Path(__file__).parents[1]
+
+
+def cli(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=600)
+
+
+def write_config(tmp_path, **extra):
+    glue = write_sst2(tmp_path / "glue")
+    teacher = write_tiny_teacher(tmp_path / "teacher")
+    raw = {
+        "cache_dir": str(tmp_path / "cache"),
+        "data": {"task": "sst2", "data_dir": str(glue), "max_length": 16},
+        "teacher": {"name": str(teacher), "finetune": {"epochs": 1, "lr": 1e-3, "batch_size": 16}},
+        "student": {"num_layers": 1},
+        "optim": {"lr": 1e-3, "batch_size": 16, "max_steps": 4, "eval_every": 2},
+        "output": {"dir": str(tmp_path / "out")},
+        **extra,
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def assert_clean_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in proc.stderr, proc.stderr
+
+
+def test_train_cli_end_to_end(tmp_path):
+    proc = cli("train", str(write_config(tmp_path)), "--no-progress", "--set", "student.num_layers=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "student dev/accuracy" in proc.stdout and "retention" in proc.stdout
+    assert (tmp_path / "out" / "student" / "config.json").is_file()
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["student"]["num_layers"] == 2
+
+
+def test_bad_inputs_give_one_clear_message(tmp_path):
+    cfg = write_config(tmp_path)
+    assert_clean_error(cli("train", str(tmp_path / "nope.yaml")), "nope.yaml", "not found")
+    assert_clean_error(cli("train", str(cfg), "--set", "loss.temperature=-1"), "loss.temperature")
+    assert_clean_error(cli("train", str(cfg), "--set", "data.task=sst3"), "sst3")
+    assert_clean_error(cli("train", str(cfg), "--set", f"teacher.name={tmp_path}"), "config.json")
+    (tmp_path / "glue" / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nfine movie\tmaybe\n")
+    assert_clean_error(cli("train", str(cfg)), "maybe")
+    assert not (tmp_path / "out" / "student").exists()
