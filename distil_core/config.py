@@ -30,6 +30,7 @@ class DataConfig:
     max_length: int = 128
     train_limit: int | None = None  # seeded subset of the train split
     dev_limit: int | None = None
+    seed: int = 0  # seeds the subsets; apart from the run's seed so seed re-runs see the same data
     corpus: str | None = None  # objective mlm: text file, folder of .txt, or hub id
     mlm_probability: float = 0.15
 
@@ -44,6 +45,7 @@ class FinetuneConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_steps: int | None = None
+    seed: int = 42
 
 
 @dataclass
@@ -95,7 +97,7 @@ class OutputConfig:
 @dataclass
 class Config:
     objective: str = "task"
-    seed: int = 42
+    seed: int = 42  # student init, data order, dropout
     cache_dir: str | None = None  # None: $DISTIL_SEARCH_CACHE or ~/.cache/distil-search
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

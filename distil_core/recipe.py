@@ -103,10 +103,11 @@ def _finetune_fn(cfg: Config, task: Task, train, collate, evaluate, device, prog
     kind = "regression" if task.is_regression else "classification"
 
     def finetune(model: torch.nn.Module, out_dir: Path) -> dict[str, float]:
-        set_seed(cfg.seed)
+        set_seed(ft.seed)
         result = Trainer(model, task_kind=kind, train_data=train, collate_fn=collate, optim=optim, loss=hard_only,
-                         seed=cfg.seed, evaluate=evaluate, main_metric=task.main_metric, out_dir=out_dir,
-                         tensorboard=False, progress=progress, keep_checkpoints=1, device=device).train()
+                         seed=ft.seed, evaluate=evaluate, main_metric=task.main_metric, out_dir=out_dir,
+                         tensorboard=False, progress=progress, keep_checkpoints=1, device=device,
+                         desc="teacher fine-tune").train()
         if result.status != "completed":
             raise UserInputError(f"teacher fine-tuning failed: {result.message}; lower teacher.finetune.lr")
         return {k.removeprefix("dev/"): v for k, v in result.metrics.items()}
@@ -125,8 +126,8 @@ def prepare(cfg: Config, progress: bool = True, device: torch.device | None = No
     if cfg.objective == "mlm":
         corpus = data_mod.tokenize_corpus(data_mod.load_corpus(cfg.data.corpus), tokenizer, cfg.data.max_length,
                                           cache_dir=str(cache / "tokenized"))
-        split = corpus.train_test_split(test_size=min(1000, max(1, len(corpus) // 20)), seed=cfg.seed)
-        train = data_mod.train_subset(split["train"], cfg.data.train_limit, cfg.seed)
+        split = corpus.train_test_split(test_size=min(1000, max(1, len(corpus) // 20)), seed=cfg.data.seed)
+        train = data_mod.train_subset(split["train"], cfg.data.train_limit, cfg.data.seed)
         collate = data_mod.mlm_collator(tokenizer, cfg.data.mlm_probability)
         teacher = load_mlm_teacher(source).to(device)
         timings["data_s"] = time.perf_counter() - t0
@@ -135,13 +136,13 @@ def prepare(cfg: Config, progress: bool = True, device: torch.device | None = No
 
     files = {k: v for k, v in (("train", cfg.data.train_file), ("dev", cfg.data.dev_file)) if v}
     raw_train = data_mod.load_glue(task.name, "train", cfg.data.data_dir, files or None)
-    raw_train = data_mod.train_subset(raw_train, cfg.data.train_limit, cfg.seed)
+    raw_train = data_mod.train_subset(raw_train, cfg.data.train_limit, cfg.data.seed)
     tok_dir = str(cache / "tokenized")
     train = data_mod.tokenize_task(raw_train, tokenizer, task, cfg.data.max_length, cache_dir=tok_dir)
     dev = {}
     for split in task.dev_splits:
         raw = data_mod.train_subset(data_mod.load_glue(task.name, split, cfg.data.data_dir, files or None),
-                                    cfg.data.dev_limit, cfg.seed)
+                                    cfg.data.dev_limit, cfg.data.seed)
         dev[split] = data_mod.tokenize_task(raw, tokenizer, task, cfg.data.max_length, cache_dir=tok_dir)
     collate = data_mod.task_collator(tokenizer)
     timings["data_s"] = time.perf_counter() - t0
@@ -151,8 +152,7 @@ def prepare(cfg: Config, progress: bool = True, device: torch.device | None = No
     evaluate = task_evaluator(task, dev, collate, cfg.optim.eval_batch_size, device)
     identity, metrics = model_fingerprint(source), {}
     if not has_head:
-        key_parts = {"task": task.name, "train": train._fingerprint, "finetune": vars(cfg.teacher.finetune),
-                     "seed": cfg.seed}
+        key_parts = {"task": task.name, "train": train._fingerprint, "finetune": vars(cfg.teacher.finetune)}
         done = ensure_finetuned(source, teacher, tokenizer, key_parts, cache,
                                 _finetune_fn(cfg, task, train, collate, evaluate, device, progress))
         teacher, identity = done.model, f"finetuned:{done.identity}"
@@ -188,14 +188,15 @@ def distill(
     cfg: Config,
     prep: Prepared | None = None,
     callbacks: tuple[Callback, ...] = (),
-    resume: bool = False,
+    resume: bool | Path = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run one distillation into cfg.output.dir; returns (and writes) metrics.json's content."""
     wall0 = time.perf_counter()
     out = Path(cfg.output.dir)
-    ckpt = latest_checkpoint(out) if resume else None
+    # resume: True = output.dir's last checkpoint; a path = that checkpoint (e.g. one Ray Tune restored)
+    ckpt = resume if isinstance(resume, Path) else (latest_checkpoint(out) if resume else None)
     if not resume and out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserInputError(f"output.dir {out} already holds a run: pass --resume to continue it or --overwrite")
@@ -208,7 +209,7 @@ def distill(
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     if prep.task_kind == "mlm":
-        evaluate = mlm_evaluator(prep.dev["heldout"], prep.collate, cfg.optim.eval_batch_size, prep.device, cfg.seed)
+        evaluate = mlm_evaluator(prep.dev["heldout"], prep.collate, cfg.optim.eval_batch_size, prep.device, cfg.data.seed)
         main_metric = "mlm_accuracy"
     else:
         evaluate = task_evaluator(prep.task, prep.dev, prep.collate, cfg.optim.eval_batch_size, prep.device)
@@ -218,6 +219,9 @@ def distill(
                       teacher=prep.signal, projection=projection, out_dir=out, callbacks=callbacks,
                       tensorboard=cfg.output.tensorboard, progress=progress, keep_checkpoints=cfg.output.keep_checkpoints,
                       device=prep.device)
+    if trainer.tb:
+        for k, v in prep.teacher_metrics.items():
+            trainer.tb.add_scalar(f"teacher/dev/{k}", v, 0)
     result: TrainResult = trainer.train(resume_from=ckpt)
     if result.status == "completed":
         student.save_pretrained(out / "student")

@@ -186,3 +186,24 @@ def describe_student(model: PreTrainedModel, seq_len: int) -> dict:
         "seq_len": seq_len,
         "flops_per_token": flops_per_token(c, seq_len),
     }
+
+
+def measure_latency_ms(model: PreTrainedModel, seq_len: int, batch_size: int = 1, repeats: int = 20,
+                       device: torch.device | str = "cpu") -> float:
+    """Median forward time in ms of one batch of `batch_size` x `seq_len` tokens (after warm-up)."""
+    import time
+
+    model = model.to(device).eval()
+    ids = torch.randint(1000 % model.config.vocab_size, model.config.vocab_size, (batch_size, seq_len), device=device)
+    mask = torch.ones_like(ids)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 3):
+            sync()
+            t0 = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask)
+            sync()
+            if i >= 3:  # the first calls pay for allocation and kernel selection
+                times.append((time.perf_counter() - t0) * 1000)
+    return float(sorted(times)[len(times) // 2])

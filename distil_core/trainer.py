@@ -97,6 +97,7 @@ class Trainer:
         progress: bool = True,
         keep_checkpoints: int = 2,
         device: torch.device | None = None,
+        desc: str = "distil",
     ):
         self.device = device or pick_device()
         self.model = model.to(self.device)
@@ -108,7 +109,7 @@ class Trainer:
             raise ValueError("teacher terms have weight > 0 but no teacher was given")
         self.teacher, self.evaluate_fn, self.main_metric = teacher, evaluate, main_metric
         self.out_dir = Path(out_dir) if out_dir else None
-        self.callbacks, self.progress, self.keep = callbacks, progress, keep_checkpoints
+        self.callbacks, self.progress, self.keep, self.desc = callbacks, progress, keep_checkpoints, desc
         self.tb = None
         if tensorboard and self.out_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -194,7 +195,7 @@ class Trainer:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, unit="step", dynamic_ncols=True)
         window: dict[str, float] = {}
         window_n, metrics = 0, (self.history[-1]["metrics"] if self.history else {})
         try:

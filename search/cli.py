@@ -8,6 +8,8 @@ import sys
 
 from distil_core.errors import UserInputError
 
+from . import SearchInterrupted
+
 
 def _train(args: argparse.Namespace) -> int:
     from distil_core.config import load_config
@@ -31,6 +33,89 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+
+    out = Console()
+    metric, teacher = summary["main_metric"], summary["teacher"]
+    c = summary["counts"]
+    out.print(f"{summary['trials']} trials: {c['TERMINATED']} finished, {c['PRUNED']} pruned by ASHA, "
+              f"{c['ERROR']} failed; {summary['wall_seconds']:.0f}s")
+    best = summary["best"]
+    if best is None:
+        out.print("no trial finished")
+        return
+    t_metric = teacher["metrics"].get(metric)
+    out.print("best configuration:")
+    for key, value in best["overrides"].items():
+        out.print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    retention = f" = {best['main'] / t_metric:.1%} of the teacher's {t_metric:.4f}" if t_metric else ""
+    out.print(f"dev {metric}: {best['main']:.4f}{retention}")
+    out.print(f"size: {best['params']:,} parameters vs teacher {teacher['params']:,} "
+              f"({best['params'] / teacher['params']:.0%}); CPU latency {best['latency_ms']:.1f} ms vs "
+              f"{teacher['latency_ms']:.1f} ms ({best['speedup']:.1f}x faster)")
+    d = summary.get("defaults_trial")
+    if d and d.get("main") is not None:
+        out.print(f"DistilBERT defaults (first trial, {d['status'].lower()}): dev {metric} {d['main']:.4f}")
+    for i, r in enumerate(summary.get("confirm") or []):
+        out.print(f"confirm #{i + 1}: trial {r['trial_id']} mean {r['mean']:.4f} +- {r['std']:.4f} over {len(r['values'])} seeds")
+    out.print(f"results: {summary['experiment']} (summary.json, optuna.db, trials)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .run import SearchOptions, run_search
+
+    opts = SearchOptions(space=_space_path(args.space), name=args.name, storage=args.storage, address=args.address,
+                         task=args.task, data_dir=args.data_dir, teacher=args.teacher, cache_dir=args.cache_dir,
+                         num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+                         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                         max_failures=args.max_failures, seed=args.seed,
+                         objectives=args.objectives.split(",") if args.objectives else None,
+                         warm_start=args.warm_start, confirm_top_k=args.confirm_top_k, seeds=args.seeds,
+                         sampler=args.sampler, scheduler=args.scheduler,
+                         live=not args.no_progress)
+    _print_summary(run_search(opts))
+    return 0
+
+
+def _space_path(ref: str) -> str:
+    """A space file, or the name of a preset in spaces/."""
+    from pathlib import Path
+
+    preset = Path(__file__).resolve().parents[1] / "spaces" / f"{ref}.yaml"
+    return str(preset) if not Path(ref).exists() and preset.is_file() else ref
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from .run import resume_search
+
+    _print_summary(resume_search(args.experiment, args.storage, args.address, live=not args.no_progress))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .run import load_meta, resolve_experiment, trial_rows
+
+    exp = resolve_experiment(args.experiment, args.storage)
+    meta = load_meta(exp)
+    table = Table(title=f"{exp.name}: dev {meta['main_metric']} (teacher "
+                        f"{meta['teacher']['metrics'].get(meta['main_metric'], float('nan')):.4f})")
+    keys = meta["searched_keys"]
+    for col in ["trial", "state", *keys, "best", "last", "step"]:
+        table.add_column(col)
+    for r in trial_rows(exp):
+        vals = [r["overrides"].get(k) for k in keys]
+        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in vals]
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        table.add_row(r["trial_id"], r["status"], *cells, fmt(r["best_main"]), fmt(r["main"]),
+                      f"{r['step'] or 0}/{r['total_steps'] or '?'}")
+    Console().print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distil-search", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +127,39 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace what output.dir holds")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
+
+    run = sub.add_parser("run", help="search distillation settings (Ray Tune + Optuna + ASHA)")
+    run.add_argument("space", help="a space file, or a preset name: quickstart, sst2, glue-small, distilbert")
+    run.add_argument("--task", help="GLUE task, overriding the space's data.task")
+    run.add_argument("--data-dir", help="GLUE folder (default $GLUE_DIR, else the hub)")
+    run.add_argument("--teacher", help="hub id, local folder or minilm-l6")
+    run.add_argument("--cache-dir", help="cache root shared by the trials (on a cluster: shared storage)")
+    run.add_argument("--num-samples", type=int)
+    run.add_argument("--max-concurrent", type=int)
+    run.add_argument("--cpus-per-trial", type=float)
+    run.add_argument("--gpus-per-trial", type=float, help="fractions share a GPU, e.g. 0.25")
+    run.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial from its checkpoint")
+    run.add_argument("--seed", type=int, help="the sampler's seed")
+    run.add_argument("--objectives", help="main (default), or main,latency / main,params for NSGA-II")
+    run.add_argument("--warm-start", metavar="EXPERIMENT", help="enqueue an earlier experiment's best configurations")
+    run.add_argument("--confirm-top-k", type=int, default=0, metavar="K", help="re-run the top K with --seeds seeds")
+    run.add_argument("--seeds", type=int, default=3)
+    run.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="random: a baseline")
+    run.add_argument("--scheduler", choices=["asha", "fifo"], default="asha", help="fifo: no early stopping")
+    run.add_argument("--name", help="experiment name (default: space-task-time)")
+    resume = sub.add_parser("resume", help="finish an interrupted search")
+    status = sub.add_parser("status", help="a table of a search's trials (also while it runs)")
+    for p in (resume, status):
+        p.add_argument("experiment", help="experiment name or path")
+    for p in (run, resume, status):
+        p.add_argument("--storage", help="experiments folder or URI "
+                                         "(default $DISTIL_SEARCH_STORAGE or ~/distil-search/experiments)")
+    for p in (run, resume):
+        p.add_argument("--address", help="an existing Ray cluster (default: start a local Ray)")
+        p.add_argument("--no-progress", action="store_true", help="no live view")
+    run.set_defaults(func=_run)
+    resume.set_defaults(func=_resume)
+    status.set_defaults(func=_status)
     return parser
 
 
@@ -53,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SearchInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -247,3 +247,15 @@ def test_save_and_reload(tmp_path):
     assert back.config.num_hidden_layers == 6 and back.config.hidden_size == 16
     with torch.no_grad():
         assert torch.equal(back(**batch()).logits, s(**batch()).logits)
+
+
+def test_measure_latency_orders_small_and_large():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from distil_core.student import measure_latency_ms
+
+    small = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64))
+    big = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=256, num_hidden_layers=6,
+                                                   num_attention_heads=4, intermediate_size=1024))
+    assert 0 < measure_latency_ms(small, 64, repeats=5) < measure_latency_ms(big, 64, repeats=5)

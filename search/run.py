@@ -1,0 +1,392 @@
+"""The search: prepare once, then Tuner + OptunaSearch (seeded multivariate TPE, or NSGA-II) + ASHA.
+
+Experiment folder (storage/name): Tune's state and trials, plus distil_search.json (what this search
+is, for resume/status/export), optuna.db (the study), summary.json and confirm.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from distil_core.config import Config, config_from_dict
+from distil_core.errors import UserInputError
+from distil_core.recipe import prepare
+from distil_core.student import measure_latency_ms
+from distil_core.teacher import resolve_teacher
+
+from . import SearchInterrupted
+from .space import SearchSpace, base_config, compile_space, defaults_point, load_space, searched_keys
+from .trainable import MAIN, distil_trainable
+
+META = "distil_search.json"
+OBJECTIVE_METRICS = {"main": (MAIN, "max"), "latency": ("latency_ms", "min"), "params": ("params", "min")}
+
+
+def default_storage() -> str:
+    return os.environ.get("DISTIL_SEARCH_STORAGE") or str(Path.home() / "distil-search" / "experiments")
+
+
+@dataclass
+class SearchOptions:
+    space: str
+    name: str | None = None
+    storage: str | None = None
+    address: str | None = None
+    task: str | None = None
+    data_dir: str | None = None
+    teacher: str | None = None
+    cache_dir: str | None = None
+    num_samples: int | None = None
+    max_concurrent: int | None = None
+    cpus_per_trial: float | None = None
+    gpus_per_trial: float | None = None
+    max_failures: int = 1
+    seed: int | None = None
+    objectives: list[str] | None = None
+    warm_start: str | None = None
+    confirm_top_k: int = 0
+    seeds: int = 3
+    sampler: str = "tpe"  # tpe | random (a baseline)
+    scheduler: str = "asha"  # asha | fifo (a baseline: every trial runs to the end)
+    live: bool = True
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+class PrunedAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna a trial ASHA stopped early as PRUNED, not COMPLETE.
+
+    Tune calls on_trial_complete for a scheduler-stopped trial with its last result; only a trial that
+    reached its final evaluation reports is_final. A pruned trial's last value is reported as an
+    intermediate value first, so Optuna records it as the pruned trial's value.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if error or not result or result.get("is_final") or trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result=result, error=error)
+        ot_trial = self._ot_trials[trial_id]
+        if not isinstance(self.metric, list) and result.get(self.metric) is not None:
+            ot_trial.report(result[self.metric], result.get("training_iteration", 0))
+        self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+
+def resolve_experiment(ref: str, storage: str | None = None) -> Path:
+    """A name under the storage folder, or a path to an experiment folder."""
+    for candidate in (Path(ref).expanduser(), Path(storage or default_storage()).expanduser() / ref):
+        if (candidate / META).is_file():
+            return candidate.resolve()
+    raise UserInputError(f"experiment '{ref}': no {META} found at {ref} or under {storage or default_storage()}")
+
+
+def load_meta(exp: Path) -> dict[str, Any]:
+    return json.loads((exp / META).read_text())
+
+
+def num_evaluations(cfg: Config, n_train: int, min_batch: int) -> int:
+    """Evaluations a full trial makes (ASHA's max_t), for the smallest batch the space allows."""
+    o = cfg.optim
+    micro = math.ceil(n_train / min_batch)
+    steps = o.max_steps or max(1, math.ceil(o.epochs * math.ceil(micro / o.grad_accum)))
+    return math.ceil(steps / o.eval_every)
+
+
+def make_trainable(meta: dict[str, Any]):
+    t = meta["tune"]
+    trainable = tune.with_parameters(distil_trainable, base=meta["base"], teacher_latency_ms=meta["teacher"]["latency_ms"])
+    return tune.with_resources(trainable, {"cpu": t["cpus_per_trial"], "gpu": t["gpus_per_trial"]})
+
+
+def _objectives(names: list[str]) -> tuple[list[str], list[str]]:
+    bad = [n for n in names if n not in OBJECTIVE_METRICS]
+    if bad or not names or names[0] != "main":
+        raise UserInputError(f"objectives {names}: expected 'main' first, then any of latency, params")
+    return [OBJECTIVE_METRICS[n][0] for n in names], [OBJECTIVE_METRICS[n][1] for n in names]
+
+
+def warm_start_points(ref: str, storage: str | None, k: int = 3) -> list[dict[str, Any]]:
+    """The Optuna params of an earlier experiment's best completed trials."""
+    exp = resolve_experiment(ref, storage)
+    study = optuna.load_study(study_name="optuna", storage=f"sqlite:///{exp / 'optuna.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    done.sort(key=lambda t: t.values[0], reverse=True)
+    return [dict(t.params) for t in done[:k]]
+
+
+def build_tuner(meta: dict[str, Any], space: SearchSpace, exp_parent: str, name: str, callbacks: list) -> tune.Tuner:
+    from transformers import AutoConfig
+
+    t = meta["tune"]
+    teacher_cfg = AutoConfig.from_pretrained(meta["teacher"]["path"])
+    metrics, modes = _objectives(t["objectives"])
+    multi = len(metrics) > 1
+    if t.get("sampler") == "random":
+        sampler = optuna.samplers.RandomSampler(seed=t["seed"])
+    elif multi:
+        sampler = optuna.samplers.NSGAIISampler(seed=t["seed"])
+    else:
+        sampler = optuna.samplers.TPESampler(seed=t["seed"], multivariate=True, group=True, constant_liar=True)
+    points = [defaults_point(space, teacher_cfg, base)] + meta.get("warm_points", [])
+    base = config_from_dict(meta["base"])
+    searcher = PrunedAwareOptunaSearch(space=compile_space(space, teacher_cfg, base), metric=metrics if multi else metrics[0],
+                                       mode=modes if multi else modes[0], sampler=sampler, points_to_evaluate=points)
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric=MAIN, mode="max", max_t=meta["max_evals"],
+                              grace_period=min(t["grace_period"], meta["max_evals"]), reduction_factor=t["reduction_factor"])
+    if t.get("scheduler") == "fifo":
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        make_trainable(meta),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t["num_samples"],
+                                    max_concurrent_trials=t["max_concurrent"]),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=exp_parent,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=meta["max_failures"]),
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    )
+
+
+def prepare_search(opts: SearchOptions) -> tuple[SearchSpace, dict[str, Any]]:
+    """Read the space, fill every cache the trials read (data, teacher, teacher outputs), describe the search."""
+    space = load_space(opts.space)
+    overrides = dict(opts.overrides)
+    for key, value in (("data.task", opts.task), ("data.data_dir", opts.data_dir), ("teacher.name", opts.teacher),
+                       ("cache_dir", opts.cache_dir)):
+        if value is not None:
+            overrides[key] = value
+    cfg = base_config(space, overrides)
+    if cfg.cache_dir is None:  # trials must find the same caches
+        cfg.cache_dir = str(cfg.cache_root())
+    keys = searched_keys(space)
+    prep_cfg = config_from_dict({**cfg.to_dict()})
+    if "loss.alpha_cos" in keys or cfg.loss.alpha_cos > 0:
+        prep_cfg.loss.alpha_cos = max(prep_cfg.loss.alpha_cos, 1.0)  # cache hidden states for every trial
+    prep = prepare(prep_cfg, progress=opts.live)
+    t = asdict(space.tune)
+    for key, value in (("num_samples", opts.num_samples), ("max_concurrent", opts.max_concurrent),
+                       ("cpus_per_trial", opts.cpus_per_trial), ("gpus_per_trial", opts.gpus_per_trial),
+                       ("seed", opts.seed), ("objectives", opts.objectives), ("sampler", opts.sampler),
+                       ("scheduler", opts.scheduler)):
+        if value is not None:
+            t[key] = value
+    t["objectives"] = list(t["objectives"])
+    batch = space.params.get("optim.batch_size")
+    min_batch = min((batch.values() if batch else None) or [cfg.optim.batch_size])
+    meta = {
+        "space_file": str(Path(opts.space).resolve()),
+        "space": space.raw,
+        "searched_keys": keys,
+        "base": cfg.to_dict(),
+        "tune": t,
+        "max_failures": opts.max_failures,
+        "max_evals": num_evaluations(cfg, len(prep.train), int(min_batch)),
+        "main_metric": "mlm_accuracy" if cfg.objective == "mlm" else prep.task.main_metric,
+        "teacher": {
+            "name": cfg.teacher.name,
+            "path": resolve_teacher(cfg.teacher.name),
+            "identity": prep.teacher_identity,
+            "metrics": prep.teacher_metrics,
+            "params": prep.teacher.num_parameters(),
+            "latency_ms": measure_latency_ms(prep.teacher, cfg.data.max_length, device=prep.device),
+        },
+        "prepare_seconds": prep.timings,
+        "warm_points": warm_start_points(opts.warm_start, opts.storage) if opts.warm_start else [],
+        "confirm_top_k": opts.confirm_top_k,
+        "seeds": opts.seeds,
+    }
+    return space, meta
+
+
+# ---- running, resuming, summarising ----
+
+def start_ray(address: str | None) -> bool:
+    """Connect to a cluster, or start a local Ray; True when this process started it (and must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # Trials' stdout stays in their logs: the driver shows the live view instead of a flood of lines.
+    kwargs = {"log_to_driver": False, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+        return False
+    ray.init(include_dashboard=False, **kwargs)
+    return True
+
+
+def save_study(exp: Path) -> optuna.Study | None:
+    """Copy the searcher's in-memory Optuna study (restored from Tune's searcher state) to optuna.db."""
+    searcher = PrunedAwareOptunaSearch()
+    try:
+        searcher.restore_from_dir(str(exp))
+    except (FileNotFoundError, RuntimeError):
+        return None
+    db = exp / "optuna.db"
+    db.unlink(missing_ok=True)
+    optuna.copy_study(from_study_name="optuna", from_storage=searcher._ot_study._storage,
+                      to_storage=f"sqlite:///{db}", to_study_name="optuna")
+    return optuna.load_study(study_name="optuna", storage=f"sqlite:///{db}")
+
+
+def trial_rows(exp: Path) -> list[dict[str, Any]]:
+    """One row per trial from Tune's state: status (PRUNED for ASHA-stopped), overrides, last/best main."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(exp))
+    rows = []
+    for trial in analysis.trials:
+        last = trial.last_result or {}
+        history = analysis.trial_dataframes.get(trial.trial_id)
+        best = float(history[MAIN].max()) if history is not None and MAIN in history else None
+        status = trial.status
+        if status == "TERMINATED" and not last.get("is_final"):
+            status = "PRUNED"
+        rows.append({
+            "trial_id": trial.trial_id,
+            "status": status,
+            "overrides": (trial.config or {}).get("overrides", {}),
+            "seed": (trial.config or {}).get("seed"),
+            "main": last.get(MAIN),
+            "best_main": best,
+            "step": last.get("step"),
+            "total_steps": last.get("total_steps"),
+            "evaluations": last.get("training_iteration"),
+            "latency_ms": last.get("latency_ms"),
+            "speedup": last.get("speedup"),
+            "params": last.get("params"),
+            "train_seconds": last.get("train_seconds"),
+            "trial_seconds": last.get("trial_seconds"),
+            "error": str(trial.error_file) if status == "ERROR" else None,
+            "path": trial.path,
+            "last_result": {k: v for k, v in last.items() if isinstance(v, (int, float, str, bool))},
+        })
+    return rows
+
+
+def pareto_front(rows: list[dict[str, Any]], objectives: list[str]) -> list[dict[str, Any]]:
+    """Completed trials no other completed trial beats on every objective."""
+    metrics, modes = _objectives(objectives)
+    done = [r for r in rows if r["status"] == "TERMINATED"]
+
+    def key(r):
+        return [(r["last_result"].get(m) or 0) * (1 if mode == "max" else -1) for m, mode in zip(metrics, modes)]
+
+    return [r for r in done if not any(all(a >= b for a, b in zip(key(o), key(r))) and key(o) != key(r) for o in done)]
+
+
+def summarise(exp: Path, meta: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
+    rows = trial_rows(exp)
+    finished = [r for r in rows if r["status"] == "TERMINATED" and r["main"] is not None]
+    best = max(finished, key=lambda r: r["main"]) if finished else None
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("TERMINATED", "PRUNED", "ERROR", "RUNNING", "PENDING")}
+    summary = {
+        "experiment": str(exp),
+        "main_metric": meta["main_metric"],
+        "teacher": meta["teacher"],
+        "trials": len(rows),
+        "counts": counts,
+        "best": best,
+        "defaults_trial": rows[0] if rows else None,  # points_to_evaluate: the DistilBERT defaults come first
+        "pareto": pareto_front(rows, meta["tune"]["objectives"]) if len(meta["tune"]["objectives"]) > 1 else None,
+        "wall_seconds": wall_seconds,
+    }
+    (exp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def confirm_top_k(exp: Path, meta: dict[str, Any], k: int, seeds: int, callbacks: list) -> list[dict[str, Any]]:
+    """Re-run the top-k finished configurations with `seeds` seeds each; rank them by mean."""
+    import statistics
+
+    rows = [r for r in trial_rows(exp) if r["status"] == "TERMINATED" and r["main"] is not None]
+    top = sorted(rows, key=lambda r: r["main"], reverse=True)[:k]
+    if not top:
+        return []
+    tuner = tune.Tuner(
+        make_trainable(meta),
+        param_space={"overrides": tune.grid_search([r["overrides"] for r in top]),
+                     "seed": tune.grid_search([meta["base"]["seed"] + i for i in range(seeds)])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=meta["tune"]["max_concurrent"]),
+        run_config=tune.RunConfig(name="confirm", storage_path=str(exp), verbose=0, callbacks=callbacks,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  failure_config=tune.FailureConfig(max_failures=meta["max_failures"])),
+    )
+    results = tuner.fit()
+    ranking = []
+    for r in top:
+        values = [res.metrics.get(MAIN) for res in results if res.config["overrides"] == r["overrides"]
+                  and res.metrics and res.metrics.get(MAIN) is not None]
+        ranking.append({"trial_id": r["trial_id"], "overrides": r["overrides"], "search_value": r["main"],
+                        "values": values, "mean": statistics.fmean(values) if values else None,
+                        "std": statistics.stdev(values) if len(values) > 1 else 0.0})
+    ranking.sort(key=lambda x: -1e9 if x["mean"] is None else x["mean"], reverse=True)
+    (exp / "confirm.json").write_text(json.dumps(ranking, indent=2, default=str))
+    return ranking
+
+
+def run_search(opts: SearchOptions) -> dict[str, Any]:
+    from .live import LiveView
+
+    wall0 = time.perf_counter()
+    space, meta = prepare_search(opts)
+    storage = str(Path(opts.storage or default_storage()).expanduser().resolve()) if "://" not in (opts.storage or "") else opts.storage
+    name = opts.name or f"{Path(opts.space).stem}-{meta['base']['data']['task']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp = Path(storage) / name
+    if (exp / META).exists():
+        raise UserInputError(f"experiment {exp} exists: use `distil-search resume {name}` or another --name")
+    exp.mkdir(parents=True, exist_ok=True)
+    meta.update({"name": name, "storage": storage, "address": opts.address})
+    (exp / META).write_text(json.dumps(meta, indent=2, default=str))
+    return _fit(exp, meta, space, opts.address, opts.live, wall0, tuner=None)
+
+
+def resume_search(ref: str, storage: str | None = None, address: str | None = None, live: bool = True) -> dict[str, Any]:
+    wall0 = time.perf_counter()
+    exp = resolve_experiment(ref, storage)
+    meta = load_meta(exp)
+    space = load_space(meta["space_file"])
+    return _fit(exp, meta, space, address or meta.get("address"), live, wall0, tuner="restore")
+
+
+def _fit(exp: Path, meta: dict[str, Any], space: SearchSpace, address: str | None, live: bool, wall0: float,
+         tuner: str | None) -> dict[str, Any]:
+    from .live import LiveView
+
+    started = start_ray(address)
+    try:
+        view = LiveView(meta, enabled=live)
+        if tuner == "restore":
+            t = tune.Tuner.restore(str(exp), trainable=make_trainable(meta), resume_errored=True)
+        else:
+            t = build_tuner(meta, space, str(exp.parent), exp.name, [view])
+        with view:
+            t.fit()
+        save_study(exp)
+        summary = summarise(exp, meta, time.perf_counter() - wall0)
+        c = summary["counts"]
+        if summary["trials"] < meta["tune"]["num_samples"] or c["RUNNING"] or c["PENDING"]:
+            raise SearchInterrupted(f"search interrupted after {c['TERMINATED'] + c['PRUNED']} of "
+                                    f"{meta['tune']['num_samples']} trials; finish it with: distil-search resume "
+                                    f"{exp.name} --storage {exp.parent}")
+        if meta.get("confirm_top_k"):
+            with view:
+                summary["confirm"] = confirm_top_k(exp, meta, meta["confirm_top_k"], meta["seeds"], [view])
+            (exp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        return summary
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()

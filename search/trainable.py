@@ -1,0 +1,93 @@
+"""The Ray Tune function trainable: one trial = one distil_core run.
+
+Each dev evaluation becomes one `tune.report` with a `tune.Checkpoint`; a restored trial resumes from
+`tune.get_checkpoint()`. Data, the fine-tuned teacher and the teacher outputs come from the caches that
+the search filled once before the trials (keyed by content hash), so a trial only reads them.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from distil_core.config import Config, apply_overrides, config_from_dict
+from distil_core.recipe import build_run_student, distill, prepare
+from distil_core.student import measure_latency_ms
+from distil_core.trainer import EvalEvent
+
+MAIN = "main"  # every trial reports its task's main dev metric under this name too
+
+
+class TrialDiverged(RuntimeError):
+    """The loss turned NaN/inf: the trial fails with this reason and the search goes on."""
+
+
+def trial_config(base: dict[str, Any], config: dict[str, Any], out_dir: Path) -> Config:
+    overrides = dict(config.get("overrides", {}))
+    if "seed" in config:  # seed re-runs of a configuration
+        overrides["seed"] = config["seed"]
+    overrides["output.dir"] = str(out_dir)
+    return config_from_dict(apply_overrides(base, overrides))
+
+
+class TuneReporter:
+    """distil_core callback: one tune.report per dev evaluation, with the checkpoint just written."""
+
+    def __init__(self, main_metric: str, static: dict[str, float], started: float):
+        self.main_metric, self.static, self.started = main_metric, static, started
+
+    def on_evaluate(self, event: EvalEvent) -> None:
+        metrics = {k.replace("/", "_"): v for k, v in event.metrics.items()}
+        metrics.update({f"train_{k.replace('/', '_')}": v for k, v in event.train_logs.items()})
+        metrics.update(self.static)
+        metrics.update(
+            {
+                MAIN: event.metrics[f"dev/{self.main_metric}"],
+                "step": event.step,
+                "total_steps": event.total_steps,
+                "is_final": event.step >= event.total_steps,
+                "examples_seen": event.examples_seen,
+                "train_seconds": event.train_seconds,
+                "trial_seconds": time.perf_counter() - self.started,
+            }
+        )
+        checkpoint = tune.Checkpoint.from_directory(str(event.checkpoint)) if event.checkpoint else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+
+def distil_trainable(config: dict[str, Any], base: dict[str, Any], teacher_latency_ms: float) -> None:
+    started = time.perf_counter()
+    out_dir = Path(tune.get_context().get_trial_dir()) / "run"
+    cfg = trial_config(base, config, out_dir)
+    prep = student = None
+    try:
+        prep = prepare(cfg, progress=False)  # cache hits only: the search prepared them
+        student, _ = build_run_student(prep)
+        latency = measure_latency_ms(student, cfg.data.max_length, device=prep.device)
+        size = student.num_parameters()
+        del student
+        main_metric = "mlm_accuracy" if cfg.objective == "mlm" else prep.task.main_metric
+        static = {
+            "latency_ms": latency,
+            "speedup": teacher_latency_ms / latency if latency else 0.0,
+            "params": size,
+            "params_ratio": size / prep.teacher.num_parameters(),
+        }
+        reporter = TuneReporter(main_metric, static, started)
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as ckpt_dir:
+                summary = distill(cfg, prep, callbacks=(reporter,), resume=Path(ckpt_dir), progress=False)
+        else:
+            summary = distill(cfg, prep, callbacks=(reporter,), overwrite=True, progress=False)
+        if summary["status"] != "completed":
+            raise TrialDiverged(summary["message"])
+    finally:
+        del prep
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,130 @@
+"""The search layer: pruned-aware Optuna bookkeeping, and tiny real searches on local Ray."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from search.run import PrunedAwareOptunaSearch
+from tiny import write_sst2, write_tiny_teacher
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_stopped_trial_is_told_as_pruned_with_its_last_value():
+    def space(trial):
+        trial.suggest_float("x", 0, 1)
+
+    searcher = PrunedAwareOptunaSearch(space=space, metric="main", mode="max",
+                                       sampler=optuna.samplers.RandomSampler(seed=0))
+    for tid in ("a", "b"):
+        searcher.suggest(tid)
+        searcher.on_trial_result(tid, {"main": 0.5, "training_iteration": 1})
+    # "a" stopped by ASHA after its second evaluation; "b" ran to its final evaluation
+    searcher.on_trial_complete("a", result={"main": 0.6, "training_iteration": 2, "is_final": False})
+    searcher.on_trial_complete("b", result={"main": 0.9, "training_iteration": 4, "is_final": True})
+    searcher.on_trial_complete("c" if searcher.suggest("c") is not None else "c", error=True)
+    states = [t.state for t in searcher._ot_study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    assert searcher._ot_study.trials[0].value == 0.6
+    assert searcher._ot_study.trials[1].value == 0.9
+
+
+def write_space(tmp_path: Path, num_samples: int = 4, max_steps: int = 6) -> Path:
+    glue = write_sst2(tmp_path / "glue", n_train=64, n_dev=24)
+    teacher = write_tiny_teacher(tmp_path / "teacher")
+    space = {
+        "description": "tiny test search",
+        "base": {
+            "cache_dir": str(tmp_path / "cache"),
+            "data": {"task": "sst2", "data_dir": str(glue), "max_length": 16},
+            "teacher": {"name": str(teacher), "finetune": {"epochs": 2, "lr": 1e-3, "batch_size": 16}},
+            "student": {"num_layers": 2},
+            "optim": {"lr": 1e-3, "batch_size": 16, "max_steps": max_steps, "eval_every": 2},
+        },
+        "search": {
+            "loss.temperature": {"log_uniform": [1.0, 8.0]},
+            "loss.alpha_kd": {"uniform": [0.0, 1.0]},
+            "loss.alpha_hard": {"uniform": [0.0, 1.0]},
+            "student.num_layers": {"int": [1, 3]},
+            "student.hidden_size": {"choice": [16, 32]},
+            "student.init": {"choice": ["teacher-layers", "teacher-slice", "random"]},
+        },
+        "normalize_alphas": True,
+        "tune": {"num_samples": num_samples, "max_concurrent": 2, "cpus_per_trial": 1, "grace_period": 1,
+                 "reduction_factor": 2, "seed": 0},
+    }
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def cli(*args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    return subprocess.Popen([sys.executable, "-m", "search.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+@pytest.mark.slow
+def test_tiny_search_end_to_end(tmp_path):
+    from search.run import SearchOptions, run_search, trial_rows
+
+    space = write_space(tmp_path)
+    summary = run_search(SearchOptions(space=str(space), name="tiny", storage=str(tmp_path / "exp"), live=False))
+    exp = Path(summary["experiment"])
+    rows = trial_rows(exp)
+    assert len(rows) == 4 and all(r["status"] in ("TERMINATED", "PRUNED") for r in rows)
+    assert summary["best"]["main"] is not None and summary["teacher"]["latency_ms"] > 0
+    # the DistilBERT defaults are the first trial
+    first = rows[0]["overrides"]
+    assert first["loss.temperature"] == 2.0 and first["student.init"] == "teacher-layers"
+    assert first["student.hidden_size"] == 32
+    # 2 trials ran at the same time
+    spans = [(r["last_result"]["timestamp"] - r["trial_seconds"], r["last_result"]["timestamp"]) for r in rows]
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
+    # the Optuna study is saved with the experiment, pruned trials as PRUNED
+    study = optuna.load_study(study_name="optuna", storage=f"sqlite:///{exp / 'optuna.db'}")
+    states = {t.number: t.state.name for t in study.trials}
+    assert len(states) == 4
+    pruned = [r for r in rows if r["status"] == "PRUNED"]
+    assert sum(s == "PRUNED" for s in states.values()) == len(pruned)
+    # every trial reported each evaluation with a checkpoint, and metrics/latency/size
+    for r in rows:
+        assert r["last_result"]["params"] > 0 and r["last_result"]["latency_ms"] > 0
+        assert "dev_accuracy" in r["last_result"]
+    # the teacher was fine-tuned once, before the trials
+    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_interrupted_search_resumes_to_its_planned_trials(tmp_path):
+    space = write_space(tmp_path, num_samples=5, max_steps=8)
+    storage = str(tmp_path / "exp")
+    proc = cli("run", str(space), "--name", "cut", "--storage", storage, "--no-progress",
+               "--max-concurrent", "1")
+    exp = Path(storage) / "cut"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(exp.glob("*/result.json")):
+        time.sleep(1)
+    while time.time() < deadline and not any(p.stat().st_size for p in exp.glob("*/result.json")):
+        time.sleep(1)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)  # as a user's Ctrl-C: Tune saves the experiment state and stops
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err
+    assert "distil-search resume cut" in err
+    resumed = cli("resume", "cut", "--storage", storage, "--no-progress")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["trials"] == 5
+    assert summary["counts"]["TERMINATED"] + summary["counts"]["PRUNED"] == 5
+    status = cli("status", "cut", "--storage", storage)
+    out, err = status.communicate(timeout=120)
+    assert status.returncode == 0 and out.count("TERMINATED") + out.count("PRUNED") == 5, out + err
