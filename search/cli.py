@@ -112,7 +112,10 @@ def _status(args: argparse.Namespace) -> int:
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         table.add_row(r["trial_id"], r["status"], *cells, fmt(r["best_main"]), fmt(r["main"]),
                       f"{r['step'] or 0}/{r['total_steps'] or '?'}")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or logged: no 80-column squeeze
+        console = Console(width=240)
+    console.print(table)
     return 0
 
 

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from distil_core.teacher import resolve_teacher
 from . import SearchInterrupted
 from .space import SearchSpace, base_config, compile_space, defaults_point, load_space, searched_keys
 from .trainable import MAIN, distil_trainable
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
 
 META = "distil_search.json"
 OBJECTIVE_METRICS = {"main": (MAIN, "max"), "latency": ("latency_ms", "min"), "params": ("params", "min")}
@@ -135,8 +138,8 @@ def build_tuner(meta: dict[str, Any], space: SearchSpace, exp_parent: str, name:
         sampler = optuna.samplers.NSGAIISampler(seed=t["seed"])
     else:
         sampler = optuna.samplers.TPESampler(seed=t["seed"], multivariate=True, group=True, constant_liar=True)
-    points = [defaults_point(space, teacher_cfg, base)] + meta.get("warm_points", [])
     base = config_from_dict(meta["base"])
+    points = [defaults_point(space, teacher_cfg, base)] + meta.get("warm_points", [])
     searcher = PrunedAwareOptunaSearch(space=compile_space(space, teacher_cfg, base), metric=metrics if multi else metrics[0],
                                        mode=modes if multi else modes[0], sampler=sampler, points_to_evaluate=points)
     scheduler = ASHAScheduler(time_attr="training_iteration", metric=MAIN, mode="max", max_t=meta["max_evals"],
