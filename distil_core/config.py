@@ -46,6 +46,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     max_steps: int | None = None
     seed: int = 42
+    train_limit: int | None = None  # None: data.train_limit (the students' subset); may be larger
 
 
 @dataclass
@@ -88,6 +89,17 @@ class OptimConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Objective mlm: at each evaluation a copy of the student is fine-tuned briefly on data.task and
+    scored on its dev split, so general distillation is judged by a GLUE dev metric too."""
+
+    steps: int = 100  # 0 turns the probe off (then the main metric is masked-LM accuracy)
+    lr: float = 1e-4
+    batch_size: int = 32
+    train_limit: int = 2000
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/example"
     keep_checkpoints: int = 2
@@ -104,6 +116,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,11 +166,18 @@ def _validate(cfg: Config) -> None:
         _check(o.max_steps is None or o.max_steps >= 1, f"{name}.max_steps", "null or an integer >= 1", o.max_steps)
         _check(0 <= o.warmup_ratio < 1, f"{name}.warmup_ratio", "a number in [0, 1)", o.warmup_ratio)
         _check(o.weight_decay >= 0, f"{name}.weight_decay", "a number >= 0", o.weight_decay)
+    ft_limit = cfg.teacher.finetune.train_limit
+    _check(ft_limit is None or ft_limit >= 1, "teacher.finetune.train_limit", "null or an integer >= 1", ft_limit)
     op = cfg.optim
     _check(op.grad_clip >= 0, "optim.grad_clip", "a number >= 0 (0 turns clipping off)", op.grad_clip)
     _check(op.grad_accum >= 1, "optim.grad_accum", "an integer >= 1", op.grad_accum)
     _check(op.eval_every >= 1, "optim.eval_every", "an integer >= 1", op.eval_every)
     _check(op.eval_batch_size >= 1, "optim.eval_batch_size", "an integer >= 1", op.eval_batch_size)
+    p = cfg.probe
+    _check(p.steps >= 0, "probe.steps", "an integer >= 0", p.steps)
+    _check(p.lr > 0, "probe.lr", "a number > 0", p.lr)
+    _check(p.batch_size >= 1, "probe.batch_size", "an integer >= 1", p.batch_size)
+    _check(p.train_limit >= 1, "probe.train_limit", "an integer >= 1", p.train_limit)
     _check(cfg.output.keep_checkpoints >= 1, "output.keep_checkpoints", "an integer >= 1", cfg.output.keep_checkpoints)
 
 

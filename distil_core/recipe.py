@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import set_seed
+from transformers import BertForSequenceClassification, set_seed
 
 from . import data as data_mod
 from .config import Config, LossConfig, OptimConfig, save_config
@@ -52,6 +53,13 @@ class Prepared:
     signal: Any  # CachedTeacherOutputs or LiveTeacher
     device: torch.device
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def main_metric(self) -> str:
+        """The dev metric a run is judged by: the task's; for mlm the probe's (or masked-LM accuracy)."""
+        if self.cfg.objective == "mlm":
+            return f"probe_{self.task.main_metric}" if "probe" in self.dev else "mlm_accuracy"
+        return self.task.main_metric
 
     @property
     def task_kind(self) -> str:
@@ -95,6 +103,33 @@ def mlm_evaluator(heldout, collate: Callable, batch_size: int, device, seed: int
     return evaluate
 
 
+def probe_evaluator(cfg: Config, task: Task, probe_data: tuple, device) -> Callable:
+    """MLM student -> the GLUE dev metrics of a copy of its encoder fine-tuned for probe.steps steps."""
+    train, dev, collate = probe_data
+    p = cfg.probe
+    optim = OptimConfig(lr=p.lr, batch_size=p.batch_size, max_steps=p.steps, eval_every=p.steps, warmup_ratio=0.1)
+    hard_only = LossConfig(alpha_kd=0.0, alpha_hard=1.0, alpha_cos=0.0, alpha_mse=0.0)
+    evaluate = task_evaluator(task, dev, collate, cfg.optim.eval_batch_size, device)
+
+    def probe(student: torch.nn.Module) -> dict[str, float]:
+        config = copy.deepcopy(student.config)
+        config.num_labels = task.num_labels
+        config.problem_type = "regression" if task.is_regression else "single_label_classification"
+        model = BertForSequenceClassification(config)
+        model.bert.load_state_dict(student.bert.state_dict(), strict=False)  # the MLM encoder has no pooler
+        # The probe must not touch the distillation's RNG stream (exact resume) or its no-grad context.
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(cfg.data.seed)
+            result = Trainer(model, task_kind="regression" if task.is_regression else "classification",
+                             train_data=train, collate_fn=collate, optim=optim, loss=hard_only, seed=cfg.data.seed,
+                             evaluate=evaluate, main_metric=task.main_metric, tensorboard=False, progress=False,
+                             device=device).train()
+        student.train(False)
+        return {f"probe_{k.removeprefix('dev/')}": v for k, v in result.metrics.items()}
+
+    return probe
+
+
 def _finetune_fn(cfg: Config, task: Task, train, collate, evaluate, device, progress: bool) -> Callable:
     ft = cfg.teacher.finetune
     optim = OptimConfig(lr=ft.lr, batch_size=ft.batch_size, epochs=ft.epochs, max_steps=ft.max_steps,
@@ -115,6 +150,21 @@ def _finetune_fn(cfg: Config, task: Task, train, collate, evaluate, device, prog
     return finetune
 
 
+def load_task_data(cfg: Config, task: Task, tokenizer, train_limit: int | None) -> tuple[Any, dict[str, Any], Callable]:
+    """Tokenized train subset, dev split(s) and the padding collator of a GLUE task (all cached)."""
+    files = {k: v for k, v in (("train", cfg.data.train_file), ("dev", cfg.data.dev_file)) if v} or None
+    tok_dir = str(cfg.cache_root() / "tokenized")
+    raw_train = data_mod.train_subset(data_mod.load_glue(task.name, "train", cfg.data.data_dir, files),
+                                      train_limit, cfg.data.seed)
+    train = data_mod.tokenize_task(raw_train, tokenizer, task, cfg.data.max_length, cache_dir=tok_dir)
+    dev = {}
+    for split in task.dev_splits:
+        raw = data_mod.train_subset(data_mod.load_glue(task.name, split, cfg.data.data_dir, files),
+                                    cfg.data.dev_limit, cfg.data.seed)
+        dev[split] = data_mod.tokenize_task(raw, tokenizer, task, cfg.data.max_length, cache_dir=tok_dir)
+    return train, dev, data_mod.task_collator(tokenizer)
+
+
 def prepare(cfg: Config, progress: bool = True, device: torch.device | None = None) -> Prepared:
     device = device or pick_device()
     cache = cfg.cache_root()
@@ -130,21 +180,14 @@ def prepare(cfg: Config, progress: bool = True, device: torch.device | None = No
         train = data_mod.train_subset(split["train"], cfg.data.train_limit, cfg.data.seed)
         collate = data_mod.mlm_collator(tokenizer, cfg.data.mlm_probability)
         teacher = load_mlm_teacher(source).to(device)
+        dev = {"heldout": split["test"]}
+        if cfg.probe.steps:
+            dev["probe"] = load_task_data(cfg, task, tokenizer, cfg.probe.train_limit)
         timings["data_s"] = time.perf_counter() - t0
-        return Prepared(cfg, task, tokenizer, teacher, model_fingerprint(source), {}, train, {"heldout": split["test"]},
+        return Prepared(cfg, task, tokenizer, teacher, model_fingerprint(source), {}, train, dev,
                         collate, LiveTeacher(teacher), device, timings)
 
-    files = {k: v for k, v in (("train", cfg.data.train_file), ("dev", cfg.data.dev_file)) if v}
-    raw_train = data_mod.load_glue(task.name, "train", cfg.data.data_dir, files or None)
-    raw_train = data_mod.train_subset(raw_train, cfg.data.train_limit, cfg.data.seed)
-    tok_dir = str(cache / "tokenized")
-    train = data_mod.tokenize_task(raw_train, tokenizer, task, cfg.data.max_length, cache_dir=tok_dir)
-    dev = {}
-    for split in task.dev_splits:
-        raw = data_mod.train_subset(data_mod.load_glue(task.name, split, cfg.data.data_dir, files or None),
-                                    cfg.data.dev_limit, cfg.data.seed)
-        dev[split] = data_mod.tokenize_task(raw, tokenizer, task, cfg.data.max_length, cache_dir=tok_dir)
-    collate = data_mod.task_collator(tokenizer)
+    train, dev, collate = load_task_data(cfg, task, tokenizer, cfg.data.train_limit)
     timings["data_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -152,9 +195,12 @@ def prepare(cfg: Config, progress: bool = True, device: torch.device | None = No
     evaluate = task_evaluator(task, dev, collate, cfg.optim.eval_batch_size, device)
     identity, metrics = model_fingerprint(source), {}
     if not has_head:
-        key_parts = {"task": task.name, "train": train._fingerprint, "finetune": vars(cfg.teacher.finetune)}
+        ft_train = train
+        if cfg.teacher.finetune.train_limit not in (None, cfg.data.train_limit):
+            ft_train = load_task_data(cfg, task, tokenizer, cfg.teacher.finetune.train_limit)[0]
+        key_parts = {"task": task.name, "train": ft_train._fingerprint, "finetune": vars(cfg.teacher.finetune)}
         done = ensure_finetuned(source, teacher, tokenizer, key_parts, cache,
-                                _finetune_fn(cfg, task, train, collate, evaluate, device, progress))
+                                _finetune_fn(cfg, task, ft_train, collate, evaluate, device, progress))
         teacher, identity = done.model, f"finetuned:{done.identity}"
         log.info("teacher %s (%s): %s", "reused from cache" if done.from_cache else "fine-tuned", done.path, done.metrics)
     teacher.to(device).eval()
@@ -191,12 +237,20 @@ def distill(
     resume: bool | Path = False,
     overwrite: bool = False,
     progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    save_student: bool = True,
 ) -> dict[str, Any]:
-    """Run one distillation into cfg.output.dir; returns (and writes) metrics.json's content."""
+    """Run one distillation into cfg.output.dir; returns (and writes) metrics.json's content.
+
+    checkpoint_dir: where checkpoints go (default output.dir/checkpoints); a Tune trial keeps them out
+    of its synced trial folder, since Tune persists each reported checkpoint itself.
+    save_student: write output.dir/student at the end (a trial's last checkpoint already holds it).
+    """
     wall0 = time.perf_counter()
     out = Path(cfg.output.dir)
     # resume: True = output.dir's last checkpoint; a path = that checkpoint (e.g. one Ray Tune restored)
-    ckpt = resume if isinstance(resume, Path) else (latest_checkpoint(out) if resume else None)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints"
+    ckpt = resume if isinstance(resume, Path) else (latest_checkpoint(checkpoint_dir) if resume else None)
     if not resume and out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserInputError(f"output.dir {out} already holds a run: pass --resume to continue it or --overwrite")
@@ -209,21 +263,24 @@ def distill(
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     if prep.task_kind == "mlm":
-        evaluate = mlm_evaluator(prep.dev["heldout"], prep.collate, cfg.optim.eval_batch_size, prep.device, cfg.data.seed)
-        main_metric = "mlm_accuracy"
+        mlm_eval = mlm_evaluator(prep.dev["heldout"], prep.collate, cfg.optim.eval_batch_size, prep.device, cfg.data.seed)
+        probe = probe_evaluator(cfg, prep.task, prep.dev["probe"], prep.device) if "probe" in prep.dev else None
+
+        def evaluate(model: torch.nn.Module) -> dict[str, float]:
+            return {**mlm_eval(model), **(probe(model) if probe else {})}
     else:
         evaluate = task_evaluator(prep.task, prep.dev, prep.collate, cfg.optim.eval_batch_size, prep.device)
-        main_metric = prep.task.main_metric
+    main_metric = prep.main_metric
     trainer = Trainer(student, task_kind=prep.task_kind, train_data=prep.train, collate_fn=prep.collate,
                       optim=cfg.optim, loss=cfg.loss, seed=cfg.seed, evaluate=evaluate, main_metric=main_metric,
                       teacher=prep.signal, projection=projection, out_dir=out, callbacks=callbacks,
                       tensorboard=cfg.output.tensorboard, progress=progress, keep_checkpoints=cfg.output.keep_checkpoints,
-                      device=prep.device)
+                      device=prep.device, checkpoint_dir=checkpoint_dir)
     if trainer.tb:
         for k, v in prep.teacher_metrics.items():
             trainer.tb.add_scalar(f"teacher/dev/{k}", v, 0)
     result: TrainResult = trainer.train(resume_from=ckpt)
-    if result.status == "completed":
+    if result.status == "completed" and save_student:
         student.save_pretrained(out / "student")
         prep.tokenizer.save_pretrained(out / "student")
     summary = {

@@ -98,6 +98,7 @@ class Trainer:
         keep_checkpoints: int = 2,
         device: torch.device | None = None,
         desc: str = "distil",
+        checkpoint_dir: Path | None = None,
     ):
         self.device = device or pick_device()
         self.model = model.to(self.device)
@@ -109,6 +110,7 @@ class Trainer:
             raise ValueError("teacher terms have weight > 0 but no teacher was given")
         self.teacher, self.evaluate_fn, self.main_metric = teacher, evaluate, main_metric
         self.out_dir = Path(out_dir) if out_dir else None
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else (self.out_dir / "checkpoints" if out_dir else None)
         self.callbacks, self.progress, self.keep, self.desc = callbacks, progress, keep_checkpoints, desc
         self.tb = None
         if tensorboard and self.out_dir:
@@ -243,7 +245,7 @@ class Trainer:
         examples = self.step * self.optim_cfg.batch_size * self.optim_cfg.grad_accum
         self.history.append({"step": self.step, "epoch": epoch, "metrics": metrics, "train": train_logs,
                              "train_seconds": self.train_seconds})
-        ckpt = self.save_checkpoint() if self.out_dir else None
+        ckpt = self.save_checkpoint() if self.checkpoint_dir else None
         event = EvalEvent(self.step, self.total_steps, epoch, metrics, train_logs, ckpt, self.train_seconds, examples)
         for cb in self.callbacks:
             cb.on_evaluate(event)
@@ -251,7 +253,7 @@ class Trainer:
 
     # ---- checkpoints: safetensors weights; optimizer, scheduler and RNG state; exact resume ----
     def save_checkpoint(self) -> Path:
-        root = self.out_dir / "checkpoints"
+        root = self.checkpoint_dir
         final = root / f"step-{self.step:08d}"
         tmp = root / f".tmp-step-{self.step:08d}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -322,8 +324,8 @@ def predict(model, data, collate_fn: Callable, batch_size: int, device: torch.de
     return np.concatenate(logits), np.concatenate(labels)
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((Path(out_dir) / "checkpoints").glob("step-*"))
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    found = sorted(Path(checkpoint_dir).glob("step-*"))
     return found[-1] if found else None
 
 

@@ -15,9 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search.optuna import OptunaSearch
+
+# The live view replaces Tune's own tables and boxes; a forced state snapshot per checkpoint is expected
+# with CheckpointConfig(num_to_keep), so its "excessive sync" hint is noise here.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+from ray import tune  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from distil_core.config import Config, config_from_dict
 from distil_core.errors import UserInputError
@@ -30,6 +35,7 @@ from .space import SearchSpace, base_config, compile_space, defaults_point, load
 from .trainable import MAIN, distil_trainable
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # the live view reports trials instead
 
 META = "distil_search.json"
 OBJECTIVE_METRICS = {"main": (MAIN, "max"), "latency": ("latency_ms", "min"), "params": ("params", "min")}
@@ -195,7 +201,7 @@ def prepare_search(opts: SearchOptions) -> tuple[SearchSpace, dict[str, Any]]:
         "tune": t,
         "max_failures": opts.max_failures,
         "max_evals": num_evaluations(cfg, len(prep.train), int(min_batch)),
-        "main_metric": "mlm_accuracy" if cfg.objective == "mlm" else prep.task.main_metric,
+        "main_metric": prep.main_metric,
         "teacher": {
             "name": cfg.teacher.name,
             "path": resolve_teacher(cfg.teacher.name),
@@ -249,7 +255,8 @@ def trial_rows(exp: Path) -> list[dict[str, Any]]:
 
     analysis = ExperimentAnalysis(str(exp))
     rows = []
-    for trial in analysis.trials:
+    # experiment_tag starts with the trial's creation index: the DistilBERT defaults trial is index 1
+    for trial in sorted(analysis.trials, key=lambda t: int(str(t.experiment_tag).split("_")[0] or 0)):
         last = trial.last_result or {}
         history = analysis.trial_dataframes.get(trial.trial_id)
         best = float(history[MAIN].max()) if history is not None and MAIN in history else None

@@ -7,6 +7,8 @@ the search filled once before the trials (keyed by content hash), so a trial onl
 from __future__ import annotations
 
 import gc
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -64,13 +66,14 @@ def distil_trainable(config: dict[str, Any], base: dict[str, Any], teacher_laten
     out_dir = Path(tune.get_context().get_trial_dir()) / "run"
     cfg = trial_config(base, config, out_dir)
     prep = student = None
+    scratch = Path(tempfile.mkdtemp(prefix="distil-ckpt-"))  # outside the synced trial folder
     try:
         prep = prepare(cfg, progress=False)  # cache hits only: the search prepared them
         student, _ = build_run_student(prep)
         latency = measure_latency_ms(student, cfg.data.max_length, device=prep.device)
         size = student.num_parameters()
         del student
-        main_metric = "mlm_accuracy" if cfg.objective == "mlm" else prep.task.main_metric
+        main_metric = prep.main_metric
         static = {
             "latency_ms": latency,
             "speedup": teacher_latency_ms / latency if latency else 0.0,
@@ -81,12 +84,15 @@ def distil_trainable(config: dict[str, Any], base: dict[str, Any], teacher_laten
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as ckpt_dir:
-                summary = distill(cfg, prep, callbacks=(reporter,), resume=Path(ckpt_dir), progress=False)
+                summary = distill(cfg, prep, callbacks=(reporter,), resume=Path(ckpt_dir), progress=False,
+                                  checkpoint_dir=scratch, save_student=False)
         else:
-            summary = distill(cfg, prep, callbacks=(reporter,), overwrite=True, progress=False)
+            summary = distill(cfg, prep, callbacks=(reporter,), overwrite=True, progress=False,
+                              checkpoint_dir=scratch, save_student=False)
         if summary["status"] != "completed":
             raise TrialDiverged(summary["message"])
     finally:
+        shutil.rmtree(scratch, ignore_errors=True)
         del prep
         gc.collect()
         if torch.cuda.is_available():

@@ -147,11 +147,15 @@ def test_regression_task_stsb(tmp_path):
 
 def test_mlm_general_distillation(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
-    cfg = make_cfg(tmp_path, data__corpus=str(corpus), student__hidden_size=16, student__init="teacher-slice")
+    cfg = make_cfg(tmp_path, data__corpus=str(corpus), student__hidden_size=16, student__init="teacher-slice",
+                   probe__steps=4, probe__train_limit=32)
     cfg.objective = "mlm"
     summary = distill(cfg, progress=False)
     assert summary["status"] == "completed"
-    assert {"dev/mlm_loss", "dev/mlm_accuracy"} <= set(summary["metrics"])
+    # judged by a GLUE probe: a copy of the student fine-tuned briefly on data.task at each evaluation
+    assert summary["main_metric"] == "probe_accuracy"
+    assert {"dev/mlm_loss", "dev/mlm_accuracy", "dev/probe_accuracy"} <= set(summary["metrics"])
+    assert len(summary["history"]) == 2
     from transformers import AutoModelForMaskedLM
 
     assert AutoModelForMaskedLM.from_pretrained(Path(cfg.output.dir) / "student").config.hidden_size == 16
