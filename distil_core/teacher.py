@@ -206,7 +206,7 @@ def teacher_outputs(
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         logits = hidden = None
         model.to(device)
-        for batch, out, hid in forward_batches(model, data, collate_fn, batch_size, device, need_hidden):
+        for _, batch, out, hid in forward_batches(model, data, collate_fn, batch_size, device, need_hidden):
             idx = batch["idx"].numpy()
             if logits is None:
                 logits = np.lib.format.open_memmap(tmp / "logits.npy", "w+", np.float16, (len(data), *out.shape[1:]))

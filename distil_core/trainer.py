@@ -304,24 +304,29 @@ class Trainer:
 
 
 def forward_batches(model, data, collate_fn: Callable, batch_size: int, device: torch.device, need_hidden: bool = False):
-    """Eval-mode forward over a dataset in order: yields (batch, logits, last hidden or None) on the CPU."""
+    """Eval-mode forward over a dataset, shortest rows first (less padding): yields (rows, batch, logits,
+    last hidden or None) on the CPU, where rows are the batch's row positions in `data`."""
     model.eval()
-    with torch.no_grad(), autocast(device):
+    order = np.argsort([len(x) for x in data["input_ids"]], kind="stable")
+    with torch.inference_mode(), autocast(device):
         for start in range(0, len(data), batch_size):
-            batch = rows_to_batch(data, list(range(start, min(start + batch_size, len(data)))), collate_fn)
+            rows = order[start : start + batch_size].tolist()
+            batch = rows_to_batch(data, rows, collate_fn)
             inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "idx")}
             out = model(**inputs, output_hidden_states=need_hidden)
             hidden = out.hidden_states[-1].float().cpu() if need_hidden else None
-            yield batch, out.logits.float().cpu(), hidden
+            yield rows, batch, out.logits.float().cpu(), hidden
 
 
 def predict(model, data, collate_fn: Callable, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels for a whole split."""
-    logits, labels = [], []
-    for batch, out, _ in forward_batches(model, data, collate_fn, batch_size, device):
-        logits.append(out.numpy())
-        labels.append(batch["labels"].numpy())
-    return np.concatenate(logits), np.concatenate(labels)
+    """Logits and labels for a whole split, in the split's row order."""
+    logits = labels = None
+    for rows, batch, out, _ in forward_batches(model, data, collate_fn, batch_size, device):
+        if logits is None:
+            logits = np.zeros((len(data), *out.shape[1:]), dtype=np.float32)
+            labels = np.zeros((len(data), *batch["labels"].shape[1:]), dtype=batch["labels"].numpy().dtype)
+        logits[rows], labels[rows] = out.numpy(), batch["labels"].numpy()
+    return logits, labels
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:

@@ -52,8 +52,8 @@ def _print_summary(summary: dict) -> None:
     retention = f" = {best['main'] / t_metric:.1%} of the teacher's {t_metric:.4f}" if t_metric else ""
     out.print(f"dev {metric}: {best['main']:.4f}{retention}")
     out.print(f"size: {best['params']:,} parameters vs teacher {teacher['params']:,} "
-              f"({best['params'] / teacher['params']:.0%}); CPU latency {best['latency_ms']:.1f} ms vs "
-              f"{teacher['latency_ms']:.1f} ms ({best['speedup']:.1f}x faster)")
+              f"({best['params'] / teacher['params']:.0%}); latency {best['latency_ms']:.1f} ms vs "
+              f"{best['teacher_latency_ms']:.1f} ms, {best['speedup']:.1f}x faster (batch 1, measured side by side in the trial)")
     d = summary.get("defaults_trial")
     if d and d.get("main") is not None:
         out.print(f"DistilBERT defaults (first trial, {d['status'].lower()}): dev {metric} {d['main']:.4f}")

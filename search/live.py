@@ -76,7 +76,9 @@ class LiveView(tune.Callback):
         last = trial.last_result or {}
         value = last.get("main")
         shown = f"{value:.4f}" if value is not None else "-"
-        self._update(trials, f"trial {trial.trial_id} {trial_status(trial).lower()}: dev {self.metric} {shown} "
+        # Tune calls this before the trial's status turns TERMINATED: judge by the last result
+        state = "finished" if last.get("is_final") else "pruned by ASHA"
+        self._update(trials, f"trial {trial.trial_id} {state}: dev {self.metric} {shown} "
                              f"after {last.get('training_iteration', 0)} evaluations")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

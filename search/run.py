@@ -111,7 +111,7 @@ def num_evaluations(cfg: Config, n_train: int, min_batch: int) -> int:
 
 def make_trainable(meta: dict[str, Any]):
     t = meta["tune"]
-    trainable = tune.with_parameters(distil_trainable, base=meta["base"], teacher_latency_ms=meta["teacher"]["latency_ms"])
+    trainable = tune.with_parameters(distil_trainable, base=meta["base"])
     return tune.with_resources(trainable, {"cpu": t["cpus_per_trial"], "gpu": t["gpus_per_trial"]})
 
 
@@ -274,6 +274,7 @@ def trial_rows(exp: Path) -> list[dict[str, Any]]:
             "total_steps": last.get("total_steps"),
             "evaluations": last.get("training_iteration"),
             "latency_ms": last.get("latency_ms"),
+            "teacher_latency_ms": last.get("teacher_latency_ms"),
             "speedup": last.get("speedup"),
             "params": last.get("params"),
             "train_seconds": last.get("train_seconds"),

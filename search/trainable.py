@@ -61,7 +61,7 @@ class TuneReporter:
         tune.report(metrics, checkpoint=checkpoint)
 
 
-def distil_trainable(config: dict[str, Any], base: dict[str, Any], teacher_latency_ms: float) -> None:
+def distil_trainable(config: dict[str, Any], base: dict[str, Any]) -> None:
     started = time.perf_counter()
     out_dir = Path(tune.get_context().get_trial_dir()) / "run"
     cfg = trial_config(base, config, out_dir)
@@ -70,13 +70,16 @@ def distil_trainable(config: dict[str, Any], base: dict[str, Any], teacher_laten
     try:
         prep = prepare(cfg, progress=False)  # cache hits only: the search prepared them
         student, _ = build_run_student(prep)
+        # Student and teacher timed side by side in this trial's process: same threads, same neighbours.
         latency = measure_latency_ms(student, cfg.data.max_length, device=prep.device)
+        teacher_latency = measure_latency_ms(prep.teacher, cfg.data.max_length, device=prep.device)
         size = student.num_parameters()
         del student
         main_metric = prep.main_metric
         static = {
             "latency_ms": latency,
-            "speedup": teacher_latency_ms / latency if latency else 0.0,
+            "teacher_latency_ms": teacher_latency,
+            "speedup": teacher_latency / latency,
             "params": size,
             "params_ratio": size / prep.teacher.num_parameters(),
         }

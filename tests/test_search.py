@@ -128,3 +128,28 @@ def test_interrupted_search_resumes_to_its_planned_trials(tmp_path):
     status = cli("status", "cut", "--storage", storage)
     out, err = status.communicate(timeout=120)
     assert status.returncode == 0 and out.count("TERMINATED") + out.count("PRUNED") == 5, out + err
+
+
+@pytest.mark.slow
+def test_pareto_confirm_and_warm_start(tmp_path):
+    from search.run import SearchOptions, run_search
+
+    space = write_space(tmp_path, num_samples=3, max_steps=4)
+    storage = str(tmp_path / "exp")
+    first = run_search(SearchOptions(space=str(space), name="mo", storage=storage, live=False,
+                                     objectives=["main", "latency"], confirm_top_k=1, seeds=2))
+    # multi-objective (NSGA-II): the Pareto set over dev metric and latency is kept
+    assert first["pareto"] and all(r["status"] == "TERMINATED" for r in first["pareto"])
+    # seed-robust pick: the top configuration re-run with 2 seeds, ranked by mean
+    (top,) = first["confirm"]
+    assert len(top["values"]) == 2 and top["mean"] == pytest.approx(sum(top["values"]) / 2)
+    assert json.loads((Path(first["experiment"]) / "confirm.json").read_text())[0]["overrides"] == top["overrides"]
+    # warm start: a new search enqueues the earlier experiment's best configurations after the defaults
+    study = optuna.load_study(study_name="optuna", storage=f"sqlite:///{Path(first['experiment']) / 'optuna.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best_params = max(done, key=lambda t: t.values[0]).params
+    second = run_search(SearchOptions(space=str(space), name="warm", storage=storage, live=False, num_samples=2,
+                                      warm_start="mo"))
+    study2 = optuna.load_study(study_name="optuna", storage=f"sqlite:///{Path(second['experiment']) / 'optuna.db'}")
+    enqueued = [t.params for t in study2.trials]
+    assert any(p == best_params for p in enqueued[1:]), (best_params, enqueued)

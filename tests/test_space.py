@@ -101,7 +101,7 @@ def test_presets_load_and_compile(minilm):
         pickle.loads(pickle.dumps(compile_space(space, minilm)))  # Ray pickles the searcher with its space
         assert base_config(space).teacher.name
     quick = load_space(SPACES / "quickstart.yaml")
-    assert quick.tune.num_samples == 6 and quick.tune.reduction_factor == 2 and quick.normalize_alphas
+    assert quick.tune.gpus_per_trial == 0 and quick.tune.num_samples <= 16 and quick.normalize_alphas
     assert "student.num_heads" in searched_keys(quick)  # derived, listed because hidden is searched
     gpu = load_space(SPACES / "distilbert.yaml")
     assert "GPU" in gpu.description and gpu.tune.gpus_per_trial == 0.25 and gpu.base["teacher"]["name"] == "bert-base-uncased"
