@@ -42,12 +42,15 @@ def main() -> None:
     ap.add_argument("--space", default="quickstart")
     ap.add_argument("--num-samples", type=int, default=12)
     ap.add_argument("--storage", default=None)
+    ap.add_argument("--no-defaults-first", action="store_true",
+                    help="neither search starts with the DistilBERT defaults: compares the searchers alone")
     args = ap.parse_args()
     storage = args.storage or tempfile.mkdtemp(prefix="distil-bench-")
     runs = {}
     for label, sampler, scheduler in (("random+FIFO", "random", "fifo"), ("TPE+ASHA", "tpe", "asha")):
         s = run_search(SearchOptions(space=_space_path(args.space), name=label.replace("+", "-"), storage=storage,
-                                     num_samples=args.num_samples, sampler=sampler, scheduler=scheduler, live=False))
+                                     num_samples=args.num_samples, sampler=sampler, scheduler=scheduler, live=False,
+                                     defaults_first=not args.no_defaults_first))
         rows = results_in_order(s["experiment"])
         last_step = {r["trial"]: r["step"] for r in rows}
         runs[label] = {"rows": rows, "best": max(r["main"] for r in rows), "total_steps": sum(last_step.values()),

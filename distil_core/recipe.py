@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from datasets import Dataset
 from transformers import BertForSequenceClassification, set_seed
 
 from . import data as data_mod
@@ -23,6 +25,7 @@ from .losses import make_projection
 from .student import StudentSpec, build_student, describe_student
 from .tasks import Task, compute_metrics, get_task
 from .teacher import (
+    CachedTeacherOutputs,
     LiveTeacher,
     ensure_finetuned,
     load_mlm_teacher,
@@ -53,6 +56,24 @@ class Prepared:
     signal: Any  # CachedTeacherOutputs or LiveTeacher
     device: torch.device
     timings: dict[str, float] = field(default_factory=dict)
+    teacher_path: str = ""  # the folder (or hub id) the teacher loads from, fine-tuned head included
+
+    def artifacts(self) -> dict[str, Any] | None:
+        """Paths to what was prepared, for runs that load them instead of preparing again (a search's
+        trials); None where they are not all on disk (objective mlm: its teacher runs live)."""
+        datasets_ = [self.train, *self.dev.values()]
+        if self.cfg.objective != "task" or not all(ds.cache_files for ds in datasets_):
+            return None
+        return {
+            "key": preparation_key(self.cfg),
+            "train": self.train.cache_files[0]["filename"],
+            "dev": {split: ds.cache_files[0]["filename"] for split, ds in self.dev.items()},
+            "teacher": self.teacher_path,
+            "teacher_identity": self.teacher_identity,
+            "teacher_metrics": self.teacher_metrics,
+            "outputs": str(self.signal.folder),
+            "hidden": self.signal.hidden is not None,
+        }
 
     @property
     def main_metric(self) -> str:
@@ -66,6 +87,26 @@ class Prepared:
         if self.cfg.objective == "mlm":
             return "mlm"
         return "regression" if self.task.is_regression else "classification"
+
+
+def preparation_key(cfg: Config) -> dict[str, Any]:
+    """The parts of a config that decide what `prepare` produces."""
+    return {"data": dataclasses.asdict(cfg.data), "teacher": dataclasses.asdict(cfg.teacher), "cache": str(cfg.cache_root())}
+
+
+def load_prepared(cfg: Config, artifacts: dict[str, Any], device: torch.device | None = None) -> Prepared:
+    """Prepared from the paths of `Prepared.artifacts()`: memory-mapped datasets and outputs, no re-reading."""
+    device = device or pick_device()
+    if artifacts["key"] != preparation_key(cfg) or (cfg.loss.alpha_cos > 0 and not artifacts["hidden"]):
+        raise ValueError("these artifacts were prepared for another data/teacher config")
+    task = get_task(cfg.data.task)
+    teacher, _ = load_task_teacher(artifacts["teacher"], task.num_labels, task.is_regression)
+    dev = {split: Dataset.from_file(path) for split, path in artifacts["dev"].items()}
+    tokenizer = load_tokenizer(artifacts["teacher"])
+    return Prepared(cfg, task, tokenizer, teacher.to(device).eval(), artifacts["teacher_identity"],
+                    artifacts["teacher_metrics"], Dataset.from_file(artifacts["train"]), dev,
+                    data_mod.task_collator(tokenizer), CachedTeacherOutputs(Path(artifacts["outputs"])), device,
+                    teacher_path=artifacts["teacher"])
 
 
 def task_evaluator(task: Task, dev: dict[str, Any], collate: Callable, batch_size: int, device) -> Callable:
@@ -193,7 +234,7 @@ def prepare(cfg: Config, progress: bool = True, device: torch.device | None = No
     t0 = time.perf_counter()
     teacher, has_head = load_task_teacher(source, task.num_labels, task.is_regression)
     evaluate = task_evaluator(task, dev, collate, cfg.optim.eval_batch_size, device)
-    identity, metrics = model_fingerprint(source), {}
+    identity, metrics, teacher_path = model_fingerprint(source), {}, source
     if not has_head:
         ft_train = train
         if cfg.teacher.finetune.train_limit not in (None, cfg.data.train_limit):
@@ -201,7 +242,7 @@ def prepare(cfg: Config, progress: bool = True, device: torch.device | None = No
         key_parts = {"task": task.name, "train": ft_train._fingerprint, "finetune": vars(cfg.teacher.finetune)}
         done = ensure_finetuned(source, teacher, tokenizer, key_parts, cache,
                                 _finetune_fn(cfg, task, ft_train, collate, evaluate, device, progress))
-        teacher, identity = done.model, f"finetuned:{done.identity}"
+        teacher, identity, teacher_path = done.model, f"finetuned:{done.identity}", done.path
         log.info("teacher %s (%s): %s", "reused from cache" if done.from_cache else "fine-tuned", done.path, done.metrics)
     teacher.to(device).eval()
     timings["teacher_s"] = time.perf_counter() - t0
@@ -213,7 +254,8 @@ def prepare(cfg: Config, progress: bool = True, device: torch.device | None = No
     dev_out = teacher_outputs(teacher, identity, dev_first, collate, cache, False, device, cfg.optim.eval_batch_size)
     metrics = compute_metrics(task, dev_out.logits[:].astype("float32"), dev_first["labels"][:])
     timings["teacher_outputs_s"] = time.perf_counter() - t0
-    return Prepared(cfg, task, tokenizer, teacher, identity, metrics, train, dev, collate, signal, device, timings)
+    return Prepared(cfg, task, tokenizer, teacher, identity, metrics, train, dev, collate, signal, device, timings,
+                    teacher_path)
 
 
 def build_run_student(prep: Prepared) -> tuple[torch.nn.Module, torch.nn.Module | None]:

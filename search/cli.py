@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
                          max_failures=args.max_failures, seed=args.seed,
                          objectives=args.objectives.split(",") if args.objectives else None,
                          warm_start=args.warm_start, confirm_top_k=args.confirm_top_k, seeds=args.seeds,
-                         sampler=args.sampler, scheduler=args.scheduler,
+                         sampler=args.sampler, scheduler=args.scheduler, defaults_first=not args.no_defaults_first,
                          live=not args.no_progress)
     _print_summary(run_search(opts))
     return 0
@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=int, default=3)
     run.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="random: a baseline")
     run.add_argument("--scheduler", choices=["asha", "fifo"], default="asha", help="fifo: no early stopping")
+    run.add_argument("--no-defaults-first", action="store_true",
+                     help="do not start with the DistilBERT defaults (to compare searchers alone)")
     run.add_argument("--name", help="experiment name (default: space-task-time)")
     resume = sub.add_parser("resume", help="finish an interrupted search")
     status = sub.add_parser("status", help="a table of a search's trials (also while it runs)")

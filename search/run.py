@@ -66,6 +66,7 @@ class SearchOptions:
     confirm_top_k: int = 0
     seeds: int = 3
     sampler: str = "tpe"  # tpe | random (a baseline)
+    defaults_first: bool = True  # the DistilBERT defaults as the first trial
     scheduler: str = "asha"  # asha | fifo (a baseline: every trial runs to the end)
     live: bool = True
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -111,7 +112,7 @@ def num_evaluations(cfg: Config, n_train: int, min_batch: int) -> int:
 
 def make_trainable(meta: dict[str, Any]):
     t = meta["tune"]
-    trainable = tune.with_parameters(distil_trainable, base=meta["base"])
+    trainable = tune.with_parameters(distil_trainable, base=meta["base"], artifacts=meta.get("artifacts"))
     return tune.with_resources(trainable, {"cpu": t["cpus_per_trial"], "gpu": t["gpus_per_trial"]})
 
 
@@ -145,7 +146,7 @@ def build_tuner(meta: dict[str, Any], space: SearchSpace, exp_parent: str, name:
     else:
         sampler = optuna.samplers.TPESampler(seed=t["seed"], multivariate=True, group=True, constant_liar=True)
     base = config_from_dict(meta["base"])
-    points = [defaults_point(space, teacher_cfg, base)] + meta.get("warm_points", [])
+    points = ([defaults_point(space, teacher_cfg, base)] if t.get("defaults_first", True) else []) + meta.get("warm_points", [])
     searcher = PrunedAwareOptunaSearch(space=compile_space(space, teacher_cfg, base), metric=metrics if multi else metrics[0],
                                        mode=modes if multi else modes[0], sampler=sampler, points_to_evaluate=points)
     scheduler = ASHAScheduler(time_attr="training_iteration", metric=MAIN, mode="max", max_t=meta["max_evals"],
@@ -187,7 +188,7 @@ def prepare_search(opts: SearchOptions) -> tuple[SearchSpace, dict[str, Any]]:
     for key, value in (("num_samples", opts.num_samples), ("max_concurrent", opts.max_concurrent),
                        ("cpus_per_trial", opts.cpus_per_trial), ("gpus_per_trial", opts.gpus_per_trial),
                        ("seed", opts.seed), ("objectives", opts.objectives), ("sampler", opts.sampler),
-                       ("scheduler", opts.scheduler)):
+                       ("scheduler", opts.scheduler), ("defaults_first", opts.defaults_first)):
         if value is not None:
             t[key] = value
     t["objectives"] = list(t["objectives"])
@@ -211,6 +212,7 @@ def prepare_search(opts: SearchOptions) -> tuple[SearchSpace, dict[str, Any]]:
             "latency_ms": measure_latency_ms(prep.teacher, cfg.data.max_length, device=prep.device),
         },
         "prepare_seconds": prep.timings,
+        "artifacts": prep.artifacts(),
         "warm_points": warm_start_points(opts.warm_start, opts.storage) if opts.warm_start else [],
         "confirm_top_k": opts.confirm_top_k,
         "seeds": opts.seeds,
@@ -309,7 +311,8 @@ def summarise(exp: Path, meta: dict[str, Any], wall_seconds: float) -> dict[str,
         "trials": len(rows),
         "counts": counts,
         "best": best,
-        "defaults_trial": rows[0] if rows else None,  # points_to_evaluate: the DistilBERT defaults come first
+        # points_to_evaluate: the DistilBERT defaults come first
+        "defaults_trial": rows[0] if rows and meta["tune"].get("defaults_first", True) else None,
         "pareto": pareto_front(rows, meta["tune"]["objectives"]) if len(meta["tune"]["objectives"]) > 1 else None,
         "wall_seconds": wall_seconds,
     }

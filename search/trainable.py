@@ -17,7 +17,7 @@ import torch
 from ray import tune
 
 from distil_core.config import Config, apply_overrides, config_from_dict
-from distil_core.recipe import build_run_student, distill, prepare
+from distil_core.recipe import build_run_student, distill, load_prepared, prepare, preparation_key
 from distil_core.student import measure_latency_ms
 from distil_core.trainer import EvalEvent
 
@@ -61,18 +61,21 @@ class TuneReporter:
         tune.report(metrics, checkpoint=checkpoint)
 
 
-def distil_trainable(config: dict[str, Any], base: dict[str, Any]) -> None:
-    started = time.perf_counter()
+def distil_trainable(config: dict[str, Any], base: dict[str, Any], artifacts: dict[str, Any] | None = None) -> None:
+    started, started_at = time.perf_counter(), time.time()
     out_dir = Path(tune.get_context().get_trial_dir()) / "run"
     cfg = trial_config(base, config, out_dir)
     prep = student = None
     scratch = Path(tempfile.mkdtemp(prefix="distil-ckpt-"))  # outside the synced trial folder
     try:
-        prep = prepare(cfg, progress=False)  # cache hits only: the search prepared them
+        # The search prepared data, teacher and teacher outputs once: load them by path when this trial's
+        # data and teacher settings are the base's, else prepare (cache hits where they match).
+        usable = artifacts is not None and artifacts["key"] == preparation_key(cfg)
+        prep = load_prepared(cfg, artifacts) if usable else prepare(cfg, progress=False)
         student, _ = build_run_student(prep)
         # Student and teacher timed side by side in this trial's process: same threads, same neighbours.
-        latency = measure_latency_ms(student, cfg.data.max_length, device=prep.device)
-        teacher_latency = measure_latency_ms(prep.teacher, cfg.data.max_length, device=prep.device)
+        latency = measure_latency_ms(student, cfg.data.max_length, repeats=10, device=prep.device)
+        teacher_latency = measure_latency_ms(prep.teacher, cfg.data.max_length, repeats=10, device=prep.device)
         size = student.num_parameters()
         del student
         main_metric = prep.main_metric
@@ -82,6 +85,7 @@ def distil_trainable(config: dict[str, Any], base: dict[str, Any]) -> None:
             "speedup": teacher_latency / latency,
             "params": size,
             "params_ratio": size / prep.teacher.num_parameters(),
+            "started_at": started_at,  # wall clock, to see which trials ran at the same time
         }
         reporter = TuneReporter(main_metric, static, started)
         checkpoint = tune.get_checkpoint()

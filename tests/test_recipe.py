@@ -159,3 +159,19 @@ def test_mlm_general_distillation(tmp_path):
     from transformers import AutoModelForMaskedLM
 
     assert AutoModelForMaskedLM.from_pretrained(Path(cfg.output.dir) / "student").config.hidden_size == 16
+
+
+def test_prepared_artifacts_load_by_path_and_give_the_same_run(tmp_path):
+    from distil_core.recipe import load_prepared
+
+    cfg = make_cfg(tmp_path, "a")
+    prep = prepare(cfg, progress=False)
+    art = prep.artifacts()
+    assert art and Path(art["train"]).is_file() and (Path(art["outputs"]) / "hidden.npy").is_file()
+    loaded = load_prepared(make_cfg(tmp_path, "b"), art)
+    assert len(loaded.train) == len(prep.train) and loaded.teacher_metrics == prep.teacher_metrics
+    a = distill(cfg, prep, progress=False)
+    b = distill(make_cfg(tmp_path, "b"), loaded, progress=False)
+    assert [h["metrics"] for h in a["history"]] == [h["metrics"] for h in b["history"]]
+    with pytest.raises(ValueError, match="another data/teacher"):
+        load_prepared(make_cfg(tmp_path, "c", data__max_length=12), art)

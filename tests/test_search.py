@@ -86,7 +86,7 @@ def test_tiny_search_end_to_end(tmp_path):
     assert first["loss.temperature"] == 2.0 and first["student.init"] == "teacher-layers"
     assert first["student.hidden_size"] == 32
     # 2 trials ran at the same time
-    spans = [(r["last_result"]["timestamp"] - r["trial_seconds"], r["last_result"]["timestamp"]) for r in rows]
+    spans = [(r["last_result"]["started_at"], r["last_result"]["started_at"] + r["trial_seconds"]) for r in rows]
     assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
     # the Optuna study is saved with the experiment, pruned trials as PRUNED
     study = optuna.load_study(study_name="optuna", storage=f"sqlite:///{exp / 'optuna.db'}")
