@@ -351,8 +351,6 @@ def confirm_top_k(exp: Path, meta: dict[str, Any], k: int, seeds: int, callbacks
 
 
 def run_search(opts: SearchOptions) -> dict[str, Any]:
-    from .live import LiveView
-
     wall0 = time.perf_counter()
     space, meta = prepare_search(opts)
     storage = str(Path(opts.storage or default_storage()).expanduser().resolve()) if "://" not in (opts.storage or "") else opts.storage

@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from distil_core.config import config_from_dict
+from distil_core.config import Config, config_from_dict
 from distil_core.recipe import distill, prepare
 from tiny import write_corpus, write_sst2, write_tiny_teacher
 
 
-def make_cfg(tmp_path: Path, out: str = "run", **over) -> "Config":
+def make_cfg(tmp_path: Path, out: str = "run", **over) -> Config:
     glue = write_sst2(tmp_path / "glue")
     teacher = tmp_path / "teacher"
     if not teacher.exists():
