@@ -232,6 +232,7 @@ def prepare(cfg: Config, progress: bool = True, device: torch.device | None = No
     timings["data_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    set_seed(cfg.teacher.finetune.seed)  # a new task head is initialised at load: seed it first
     teacher, has_head = load_task_teacher(source, task.num_labels, task.is_regression)
     evaluate = task_evaluator(task, dev, collate, cfg.optim.eval_batch_size, device)
     identity, metrics, teacher_path = model_fingerprint(source), {}, source

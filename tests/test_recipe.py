@@ -175,3 +175,16 @@ def test_prepared_artifacts_load_by_path_and_give_the_same_run(tmp_path):
     assert [h["metrics"] for h in a["history"]] == [h["metrics"] for h in b["history"]]
     with pytest.raises(ValueError, match="another data/teacher"):
         load_prepared(make_cfg(tmp_path, "c", data__max_length=12), art)
+
+
+def test_teacher_fine_tuning_is_reproducible(tmp_path):
+    import random
+
+    a = prepare(make_cfg(tmp_path, "a"), progress=False)
+    torch.manual_seed(random.randrange(10**6))  # whatever the global RNG holds before preparing
+    cfg_b = make_cfg(tmp_path, "b")
+    cfg_b.cache_dir = str(tmp_path / "cache-b")
+    b = prepare(cfg_b, progress=False)
+    assert a.teacher_metrics == b.teacher_metrics
+    for (name, p), q in zip(a.teacher.named_parameters(), b.teacher.parameters()):
+        assert torch.equal(p, q), name
