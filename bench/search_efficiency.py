@@ -3,7 +3,7 @@
 For each search: the training steps (summed over all trials, in the order results arrived) it spent
 until some trial first reached random+FIFO's best dev accuracy; then their ratio (target <= 1/3).
 
-    GLUE_DIR=../shared/data/glue python bench/search_efficiency.py [--space quickstart] [--num-samples 12]
+    GLUE_DIR=../shared/data/glue python bench/search_efficiency.py [--space bench/efficiency.yaml] [--num-samples N]
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def steps_to_reach(rows: list[dict], target: float) -> int | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--space", default="quickstart")
-    ap.add_argument("--num-samples", type=int, default=12)
+    ap.add_argument("--space", default=str(Path(__file__).with_name("efficiency.yaml")))
+    ap.add_argument("--num-samples", type=int, default=None, help="default: the space's tune.num_samples")
     ap.add_argument("--storage", default=None)
     ap.add_argument("--no-defaults-first", action="store_true",
                     help="neither search starts with the DistilBERT defaults: compares the searchers alone")

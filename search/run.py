@@ -144,7 +144,9 @@ def build_tuner(meta: dict[str, Any], space: SearchSpace, exp_parent: str, name:
     elif multi:
         sampler = optuna.samplers.NSGAIISampler(seed=t["seed"])
     else:
-        sampler = optuna.samplers.TPESampler(seed=t["seed"], multivariate=True, group=True, constant_liar=True)
+        startup = t.get("startup_trials") or min(10, max(4, t["num_samples"] // 3))
+        sampler = optuna.samplers.TPESampler(seed=t["seed"], n_startup_trials=startup, multivariate=True, group=True,
+                                             constant_liar=True)
     base = config_from_dict(meta["base"])
     points = ([defaults_point(space, teacher_cfg, base)] if t.get("defaults_first", True) else []) + meta.get("warm_points", [])
     searcher = PrunedAwareOptunaSearch(space=compile_space(space, teacher_cfg, base), metric=metrics if multi else metrics[0],

@@ -71,6 +71,8 @@ class TuneSettings:
     grace_period: int = 1  # ASHA: evaluations before a trial can be stopped
     reduction_factor: int = 3
     seed: int = 0
+    # TPE's random start-up trials; None: a third of num_samples, between 4 and Optuna's default 10
+    startup_trials: int | None = None
     objectives: tuple[str, ...] = ("main",)  # ("main",), ("main", "latency"), ("main", "params")
 
 
@@ -228,7 +230,7 @@ def _parse_tune(raw: Any, where: str) -> TuneSettings:
     rules = {"num_samples": (int, 1, "an integer >= 1"), "max_concurrent": (int, 1, "an integer >= 1"),
              "cpus_per_trial": (float, 1e-9, "a number > 0"), "gpus_per_trial": (float, 0, "a number >= 0"),
              "grace_period": (int, 1, "an integer >= 1"), "reduction_factor": (int, 2, "an integer >= 2"),
-             "seed": (int, 0, "an integer >= 0")}
+             "seed": (int, 0, "an integer >= 0"), "startup_trials": (int, 1, "an integer >= 1")}
     out = {}
     for k, v in raw.items():
         if k not in names:
