@@ -35,7 +35,7 @@ from .teacher import (
     resolve_teacher,
     teacher_outputs,
 )
-from .trainer import Callback, Trainer, TrainResult, latest_checkpoint, pick_device, predict
+from .trainer import Callback, Trainer, TrainResult, dist_info, latest_checkpoint, pick_device, predict
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def probe_evaluator(cfg: Config, task: Task, probe_data: tuple, device) -> Calla
             result = Trainer(model, task_kind="regression" if task.is_regression else "classification",
                              train_data=train, collate_fn=collate, optim=optim, loss=hard_only, seed=cfg.data.seed,
                              evaluate=evaluate, main_metric=task.main_metric, tensorboard=False, progress=False,
-                             device=device).train()
+                             device=device, distributed=False).train()
         student.train(False)
         return {f"probe_{k.removeprefix('dev/')}": v for k, v in result.metrics.items()}
 
@@ -183,7 +183,7 @@ def _finetune_fn(cfg: Config, task: Task, train, collate, evaluate, device, prog
         result = Trainer(model, task_kind=kind, train_data=train, collate_fn=collate, optim=optim, loss=hard_only,
                          seed=ft.seed, evaluate=evaluate, main_metric=task.main_metric, out_dir=out_dir,
                          tensorboard=False, progress=progress, keep_checkpoints=1, device=device,
-                         desc="teacher fine-tune").train()
+                         desc="teacher fine-tune", distributed=False).train()
         if result.status != "completed":
             raise UserInputError(f"teacher fine-tuning failed: {result.message}; lower teacher.finetune.lr")
         return {k.removeprefix("dev/"): v for k, v in result.metrics.items()}
@@ -206,7 +206,10 @@ def load_task_data(cfg: Config, task: Task, tokenizer, train_limit: int | None) 
     return train, dev, data_mod.task_collator(tokenizer)
 
 
-def prepare(cfg: Config, progress: bool = True, device: torch.device | None = None) -> Prepared:
+def prepare(cfg: Config, progress: bool = True, device: torch.device | None = None,
+            need_hidden: bool | None = None) -> Prepared:
+    """Data, teacher and teacher outputs for cfg. need_hidden: cache the teacher's hidden states too
+    (default: when cfg's cosine loss is on; a search asks for them when any trial may use them)."""
     device = device or pick_device()
     cache = cfg.cache_root()
     timings: dict[str, float] = {}
@@ -249,7 +252,8 @@ def prepare(cfg: Config, progress: bool = True, device: torch.device | None = No
     timings["teacher_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    need_hidden = cfg.loss.alpha_cos > 0
+    if need_hidden is None:
+        need_hidden = cfg.loss.alpha_cos > 0
     signal = teacher_outputs(teacher, identity, train, collate, cache, need_hidden, device, cfg.optim.eval_batch_size)
     dev_first = next(iter(dev.values()))
     dev_out = teacher_outputs(teacher, identity, dev_first, collate, cache, False, device, cfg.optim.eval_batch_size)
@@ -288,23 +292,27 @@ def distill(
     checkpoint_dir: where checkpoints go (default output.dir/checkpoints); a Tune trial keeps them out
     of its synced trial folder, since Tune persists each reported checkpoint itself.
     save_student: write output.dir/student at the end (a trial's last checkpoint already holds it).
+    Data-parallel (a torch.distributed process group is up, e.g. on Ray Train): every rank calls this,
+    rank 0 alone writes output.dir (on several machines it must be shared storage).
     """
     wall0 = time.perf_counter()
     out = Path(cfg.output.dir)
+    main = dist_info()[0] == 0
     # resume: True = output.dir's last checkpoint; a path = that checkpoint (e.g. one Ray Tune restored)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints"
     ckpt = resume if isinstance(resume, Path) else (latest_checkpoint(checkpoint_dir) if resume else None)
-    if not resume and out.exists() and any(out.iterdir()):
+    if main and not resume and out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserInputError(f"output.dir {out} already holds a run: pass --resume to continue it or --overwrite")
     # Everything that can reject the input runs before output.dir is touched.
     prep = prep or prepare(cfg, progress=progress)
     set_seed(cfg.seed)
     student, projection = build_run_student(prep)
-    if overwrite and not resume:
-        shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if main:
+        if overwrite and not resume:
+            shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     if prep.task_kind == "mlm":
         mlm_eval = mlm_evaluator(prep.dev["heldout"], prep.collate, cfg.optim.eval_batch_size, prep.device, cfg.data.seed)
         probe = probe_evaluator(cfg, prep.task, prep.dev["probe"], prep.device) if "probe" in prep.dev else None
@@ -323,7 +331,7 @@ def distill(
         for k, v in prep.teacher_metrics.items():
             trainer.tb.add_scalar(f"teacher/dev/{k}", v, 0)
     result: TrainResult = trainer.train(resume_from=ckpt)
-    if result.status == "completed" and save_student:
+    if main and result.status == "completed" and save_student:
         student.save_pretrained(out / "student")
         prep.tokenizer.save_pretrained(out / "student")
     summary = {
@@ -339,6 +347,9 @@ def distill(
         "wall_seconds": time.perf_counter() - wall0,
         "prepare_seconds": prep.timings,
         "history": result.history,
+        # examples_per_rank: rows each rank trained on in this call (a resumed run counts from its resume)
+        "data_parallel": {"world_size": result.world_size, "examples_per_rank": result.examples_per_rank},
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    if main:
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -12,11 +12,18 @@ from . import SearchInterrupted
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .fulltrain import check_scaling, train_on_ray
+
+    check_scaling(args.num_workers, args.gpus_per_worker, args.address)  # before torch & co. load
     from distil_core.config import load_config
     from distil_core.recipe import distill
 
     cfg = load_config(args.config, args.set)
-    summary = distill(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if args.num_workers > 1:  # data-parallel on Ray Train; one worker stays in-process
+        summary = train_on_ray(cfg, args.num_workers, args.gpus_per_worker, args.address, resume=args.resume,
+                               overwrite=args.overwrite, progress=not args.no_progress)
+    else:
+        summary = distill(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     out = cfg.output.dir
     if summary["status"] != "completed":
         print(f"run stopped: {summary['message']}; see {out}/metrics.json", file=sys.stderr)
@@ -29,6 +36,9 @@ def _train(args: argparse.Namespace) -> int:
     s, t = summary["student"], summary["teacher"]
     print(line)
     print(f"student {s['total']:,} parameters ({s['non_embedding']:,} non-embedding) vs teacher {t['total']:,}")
+    dp = summary.get("data_parallel") or {}
+    if dp.get("world_size", 1) > 1:
+        print(f"data-parallel on {dp['world_size']} workers: {dp['examples_per_rank']} examples per rank")
     print(f"wrote {out}/student, {out}/metrics.json, {out}/tb")
     return 0
 
@@ -119,6 +129,43 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    s = export(args.experiment, args.out, args.storage, args.trial, args.overwrite)
+    metric = f"dev_{s['main_metric']}"
+    again = (s["reevaluated"] or {}).get(metric)
+    line = f"trial {s['trial_id']}: reported dev {s['main_metric']} {s['metrics'].get('main', float('nan')):.4f}"
+    if again is not None:
+        line += f", {again:.4f} evaluated again from the exported folder"
+    print(line)
+    print(f"wrote {s['out']}/student (from_pretrained), {s['out']}/train.yaml (distil-search train), "
+          f"{s['out']}/summary.json")
+    return 0
+
+
+def _tensorboard(args: argparse.Namespace) -> int:
+    from .run import resolve_experiment
+    from .tensorboard import serve
+
+    exp = resolve_experiment(args.experiment, args.storage)
+    print(f"TensorBoard for {exp} at http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    serve(exp, args.host, args.port)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .report import write_report
+    from .run import resolve_experiment
+
+    exp = resolve_experiment(args.experiment, args.storage)
+    path = write_report(exp, Path(args.out).expanduser() if args.out else None, top_k=args.top_k)
+    print(f"wrote {path} (plots beside it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distil-search", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from output.dir's last checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace what output.dir holds")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--num-workers", type=int, default=1, metavar="N",
+                       help="data-parallel Ray Train workers (DDP); 1 (default): in-process")
+    train.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="0 (default): CPU workers")
+    train.add_argument("--address", help="an existing Ray cluster (default: start a local Ray); output.dir "
+                                         "and the cache root must then be on storage all its nodes reach")
     train.set_defaults(func=_train)
 
     run = sub.add_parser("run", help="search distillation settings (Ray Tune + Optuna + ASHA)")
@@ -165,12 +217,40 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
     resume.set_defaults(func=_resume)
     status.set_defaults(func=_status)
+
+    export = sub.add_parser("export", help="write the best (or a named) trial's student, train.yaml and summary")
+    export.add_argument("experiment", help="experiment name or path")
+    export.add_argument("--out", required=True, help="folder to write (student/, train.yaml, summary.json)")
+    export.add_argument("--trial", help="a trial id (default: the confirmed winner, else the best finished trial)")
+    export.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    board = sub.add_parser("tensorboard", help="TensorBoard (HParams table and curves) for an experiment")
+    board.add_argument("experiment", help="experiment name or path")
+    board.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    board.add_argument("--port", type=int, default=6006)
+    for p in (export, board):
+        p.add_argument("--storage", help="experiments folder (default $DISTIL_SEARCH_STORAGE or ~/distil-search/experiments)")
+    export.set_defaults(func=_export)
+    board.set_defaults(func=_tensorboard)
+    report = sub.add_parser("report", help="report.md and plots of a search (best so far, Pareto fronts, "
+                                           "importances, learning curves, top trials)")
+    report.add_argument("experiment", help="experiment name or path")
+    report.add_argument("--storage", help="experiments folder (default $DISTIL_SEARCH_STORAGE or "
+                                          "~/distil-search/experiments)")
+    report.add_argument("--out", help="report folder (default EXPERIMENT/report; an earlier report there is replaced)")
+    report.add_argument("--top-k", type=int, default=5, help="trials in the table and the learning curves")
+    report.set_defaults(func=_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("DISTIL_SEARCH_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "no_progress", False):  # also the libraries' bars (loading weights, tokenizing)
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except UserInputError as e:

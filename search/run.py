@@ -20,7 +20,11 @@ import optuna
 # with CheckpointConfig(num_to_keep), so its "excessive sync" hint is noise here.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# Tune's TBX logger writes one hparams experiment per trial; search/tensorboard.py writes one for the
+# experiment instead, and run_config() adds the CSV and JSON loggers back.
+os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 from ray import tune  # noqa: E402
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
@@ -32,6 +36,7 @@ from distil_core.teacher import resolve_teacher
 
 from . import SearchInterrupted
 from .space import SearchSpace, base_config, compile_space, defaults_point, load_space, searched_keys
+from .tensorboard import write_experiment_config
 from .trainable import MAIN, distil_trainable
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
@@ -159,14 +164,21 @@ def build_tuner(meta: dict[str, Any], space: SearchSpace, exp_parent: str, name:
         make_trainable(meta),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t["num_samples"],
                                     max_concurrent_trials=t["max_concurrent"]),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=exp_parent,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=meta["max_failures"]),
-            callbacks=callbacks,
-            verbose=0,
-        ),
+        run_config=run_config(meta, name, exp_parent, callbacks),
+    )
+
+
+def run_config(meta: dict[str, Any], name: str, storage_path: str, callbacks: list) -> tune.RunConfig:
+    """Keep each trial's last checkpoint, retry failed trials from it, and sync trial folders (TensorBoard
+    runs) to the experiment's storage from whichever node ran them."""
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        failure_config=tune.FailureConfig(max_failures=meta["max_failures"]),
+        sync_config=tune.SyncConfig(sync_artifacts=True),
+        callbacks=[*callbacks, CSVLoggerCallback(), JsonLoggerCallback()],
+        verbose=0,
     )
 
 
@@ -182,10 +194,7 @@ def prepare_search(opts: SearchOptions) -> tuple[SearchSpace, dict[str, Any]]:
     if cfg.cache_dir is None:  # trials must find the same caches
         cfg.cache_dir = str(cfg.cache_root())
     keys = searched_keys(space)
-    prep_cfg = config_from_dict({**cfg.to_dict()})
-    if "loss.alpha_cos" in keys or cfg.loss.alpha_cos > 0:
-        prep_cfg.loss.alpha_cos = max(prep_cfg.loss.alpha_cos, 1.0)  # cache hidden states for every trial
-    prep = prepare(prep_cfg, progress=opts.live)
+    prep = prepare(cfg, progress=opts.live, need_hidden="loss.alpha_cos" in keys or cfg.loss.alpha_cos > 0)
     t = asdict(space.tune)
     for key, value in (("num_samples", opts.num_samples), ("max_concurrent", opts.max_concurrent),
                        ("cpus_per_trial", opts.cpus_per_trial), ("gpus_per_trial", opts.gpus_per_trial),
@@ -335,9 +344,7 @@ def confirm_top_k(exp: Path, meta: dict[str, Any], k: int, seeds: int, callbacks
         param_space={"overrides": tune.grid_search([r["overrides"] for r in top]),
                      "seed": tune.grid_search([meta["base"]["seed"] + i for i in range(seeds)])},
         tune_config=tune.TuneConfig(max_concurrent_trials=meta["tune"]["max_concurrent"]),
-        run_config=tune.RunConfig(name="confirm", storage_path=str(exp), verbose=0, callbacks=callbacks,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  failure_config=tune.FailureConfig(max_failures=meta["max_failures"])),
+        run_config=run_config(meta, "confirm", str(exp), callbacks),
     )
     results = tuner.fit()
     ranking = []
@@ -363,6 +370,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     exp.mkdir(parents=True, exist_ok=True)
     meta.update({"name": name, "storage": storage, "address": opts.address})
     (exp / META).write_text(json.dumps(meta, indent=2, default=str))
+    write_experiment_config(exp, space, list(meta["teacher"]["metrics"]))
     return _fit(exp, meta, space, opts.address, opts.live, wall0, tuner=None)
 
 

@@ -21,6 +21,8 @@ from distil_core.recipe import build_run_student, distill, load_prepared, prepar
 from distil_core.student import measure_latency_ms
 from distil_core.trainer import EvalEvent
 
+from .tensorboard import TRAINER_RUN, write_trial_session
+
 MAIN = "main"  # every trial reports its task's main dev metric under this name too
 
 
@@ -63,7 +65,7 @@ class TuneReporter:
 
 def distil_trainable(config: dict[str, Any], base: dict[str, Any], artifacts: dict[str, Any] | None = None) -> None:
     started, started_at = time.perf_counter(), time.time()
-    out_dir = Path(tune.get_context().get_trial_dir()) / "run"
+    out_dir = Path(tune.get_context().get_trial_dir()) / TRAINER_RUN.split("/")[0]
     cfg = trial_config(base, config, out_dir)
     prep = student = None
     scratch = Path(tempfile.mkdtemp(prefix="distil-ckpt-"))  # outside the synced trial folder
@@ -87,6 +89,9 @@ def distil_trainable(config: dict[str, Any], base: dict[str, Any], artifacts: di
             "params_ratio": size / prep.teacher.num_parameters(),
             "started_at": started_at,  # wall clock, to see which trials ran at the same time
         }
+        if cfg.output.tensorboard:
+            hparams = {**config.get("overrides", {}), **({"seed": config["seed"]} if "seed" in config else {})}
+            write_trial_session(out_dir.parent, tune.get_context().get_trial_id(), hparams, static)
         reporter = TuneReporter(main_metric, static, started)
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from search.run import PrunedAwareOptunaSearch
-from tiny import write_sst2, write_tiny_teacher
+from tiny import write_corpus, write_sst2, write_tiny_teacher
 
 ROOT = Path(__file__).parents[1]
 
@@ -36,7 +36,7 @@ def test_stopped_trial_is_told_as_pruned_with_its_last_value():
     assert searcher._ot_study.trials[1].value == 0.9
 
 
-def write_space(tmp_path: Path, num_samples: int = 4, max_steps: int = 6) -> Path:
+def write_space(tmp_path: Path, num_samples: int = 4, max_steps: int = 6, **base_extra) -> Path:
     glue = write_sst2(tmp_path / "glue", n_train=64, n_dev=24)
     teacher = write_tiny_teacher(tmp_path / "teacher")
     space = {
@@ -44,9 +44,11 @@ def write_space(tmp_path: Path, num_samples: int = 4, max_steps: int = 6) -> Pat
         "base": {
             "cache_dir": str(tmp_path / "cache"),
             "data": {"task": "sst2", "data_dir": str(glue), "max_length": 16},
-            "teacher": {"name": str(teacher), "finetune": {"epochs": 2, "lr": 1e-3, "batch_size": 16}},
+            # a teacher that learned the fixture (~0.96 dev accuracy), so students differ from each other
+            "teacher": {"name": str(teacher), "finetune": {"epochs": 10, "lr": 3e-3, "batch_size": 16}},
             "student": {"num_layers": 2},
-            "optim": {"lr": 1e-3, "batch_size": 16, "max_steps": max_steps, "eval_every": 2},
+            "optim": {"lr": 3e-3, "batch_size": 16, "max_steps": max_steps, "eval_every": 2},
+            **base_extra,
         },
         "search": {
             "loss.temperature": {"log_uniform": [1.0, 8.0]},
@@ -153,3 +155,37 @@ def test_pareto_confirm_and_warm_start(tmp_path):
     study2 = optuna.load_study(study_name="optuna", storage=f"sqlite:///{Path(second['experiment']) / 'optuna.db'}")
     enqueued = [t.params for t in study2.trials]
     assert any(p == best_params for p in enqueued[1:]), (best_params, enqueued)
+
+
+@pytest.mark.slow
+def test_mlm_search_is_judged_by_the_glue_probe(tmp_path):
+    """Objective mlm through Tune: each evaluation fine-tunes a copy of the student on the GLUE task (a
+    probe) and that dev metric is what the trials report and ASHA compares."""
+    from search.run import SearchOptions, run_search, trial_rows
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    space = write_space(tmp_path, num_samples=3, objective="mlm", probe={"steps": 4, "train_limit": 32},
+                        data={"task": "sst2", "data_dir": str(write_sst2(tmp_path / "glue", n_train=64, n_dev=24)),
+                              "max_length": 16, "corpus": str(corpus)})
+    summary = run_search(SearchOptions(space=str(space), name="mlm", storage=str(tmp_path / "exp"), live=False))
+    assert summary["main_metric"] == "probe_accuracy"
+    rows = trial_rows(Path(summary["experiment"]))
+    assert len(rows) == 3 and all(r["status"] in ("TERMINATED", "PRUNED") for r in rows)
+    for r in rows:
+        last = r["last_result"]
+        assert last["main"] == last["dev_probe_accuracy"] and "dev_mlm_loss" in last
+
+
+@pytest.mark.slow
+def test_two_trials_run_at_the_same_time(tmp_path):
+    """max_concurrent 2 on a 2-CPU local Ray: some two trials' run windows overlap. Trials are made long
+    enough (more steps) that Ray's worker start-up cannot serialise them."""
+    from search.run import SearchOptions, run_search, trial_rows
+
+    space = write_space(tmp_path, num_samples=2, optim={"lr": 1e-3, "batch_size": 16, "max_steps": 150, "eval_every": 50})
+    summary = run_search(SearchOptions(space=str(space), name="two", storage=str(tmp_path / "exp"), live=False,
+                                       scheduler="fifo"))
+    windows = [(r["last_result"]["started_at"], r["last_result"]["started_at"] + r["trial_seconds"])
+               for r in trial_rows(Path(summary["experiment"]))]
+    (a0, a1), (b0, b1) = windows
+    assert a0 < b1 and b0 < a1, windows
