@@ -4,6 +4,7 @@
     python cluster/local_cluster.py start [--dir DIR] [--head-cpus 0] [--worker-cpus 2] [--no-dashboard]
     python cluster/local_cluster.py status [--dir DIR]
     python cluster/local_cluster.py env [--dir DIR]        # shell exports for clients (eval "$(...)")
+    python cluster/local_cluster.py kill-worker [--dir DIR] # SIGKILL the worker node: a node failure
     python cluster/local_cluster.py stop [--dir DIR] [--keep-dir]
 
 `start` runs a head node and one worker node, each a `ray start --block` process in its own process
@@ -16,8 +17,9 @@ prints the addresses and records the pids in DIR/cluster.json. `stop` ends only 
 groups (and the processes they started, found through /proc), then removes DIR.
 
 The head has no CPUs by default (like the cloud configs: trials go to workers) and the worker advertises
-the custom resource `local_worker` so work can be pinned to it. Importable: `start()`, `load()`, `stop()`,
-`wait_for_nodes()`, `LocalCluster.client_env()`.
+the custom resource `local_worker` so work can be pinned to it. `kill-worker` SIGKILLs the worker node's
+recorded processes (a node failure, to test fault tolerance). Importable: `start()`, `load()`, `stop()`,
+`kill_node()`, `wait_for_nodes()`, `LocalCluster.client_env()`.
 """
 from __future__ import annotations
 
@@ -182,6 +184,15 @@ class LocalCluster:
 
     def stop(self, keep_dir: bool = False, grace_s: float = 15.0) -> list[int]:
         return _stop_cluster(self, keep_dir=keep_dir, grace_s=grace_s)
+
+    def node(self, role: str) -> Node:
+        found = [n for n in self.nodes if n.role == role]
+        if not found:
+            raise ClusterError(f"no {role} node recorded in {self.root}")
+        return found[0]
+
+    def kill_node(self, role: str = "worker") -> list[int]:
+        return _kill_node(self, self.node(role))
 
 
 def _ray_start_cmd(*args: str) -> list[str]:
@@ -384,6 +395,39 @@ def _stop_cluster(cluster: LocalCluster, keep_dir: bool = False, grace_s: float 
     return sorted(targets)
 
 
+def _kill_node(cluster: LocalCluster, node: Node, timeout: float = 10.0) -> list[int]:
+    """A node failure, as when its machine goes away: SIGKILL at once to the recorded `ray start` of NODE,
+    its process group and every process it started (raylet, agents, the workers running tasks and actors),
+    with no shutdown. Nothing else is signalled; the other node and the GCS notice the loss themselves.
+    Returns the pids that were killed."""
+    if not _is_our_node(node):
+        return []
+    targets = _group_and_descendants(node.pid)  # collected first: killed children are re-parented to init
+    try:
+        os.killpg(node.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid, t in targets.items():
+        if _alive(pid, t):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p, t) for p, t in targets.items()):
+        _reap(cluster)
+        time.sleep(0.1)
+    _reap(cluster)
+    still = sorted(p for p, t in targets.items() if _alive(p, t))
+    if still:
+        raise ClusterError(f"processes of the {node.role} node still running after SIGKILL: {still}")
+    return sorted(targets)
+
+
+def kill_node(root: str | Path | None = None, role: str = "worker") -> list[int]:
+    return load(root).kill_node(role)
+
+
 def _reap(cluster: LocalCluster) -> None:
     for proc in cluster._procs.values():  # children of this process: collect them so no zombie remains
         proc.poll()
@@ -433,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--json", action="store_true", help="print the recorded state as JSON")
     for name, text in (("status", "show the recorded cluster and whether its pids run"),
                        ("env", "print shell exports that let a client connect"),
+                       ("kill-worker", "SIGKILL the worker node's recorded processes (a node failure)"),
                        ("stop", "stop the recorded processes and remove the folder")):
         sub.add_parser(name, help=text)
     for p in sub.choices.values():
@@ -458,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {node.role}: pid {node.pid} {'running' if _is_our_node(node) else 'gone'}")
         elif args.command == "env":
             print(_exports(load(args.dir)))
+        elif args.command == "kill-worker":
+            pids = kill_node(args.dir, "worker")
+            print(f"killed {len(pids)} processes of the worker node: {' '.join(map(str, pids))}" if pids
+                  else "the worker node was not running")
         elif args.command == "stop":
             pids = stop(args.dir, keep_dir=args.keep_dir)
             print(f"stopped {len(pids)} processes: {' '.join(map(str, pids))}" if pids else "nothing was running")

@@ -209,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (resume, status):
         p.add_argument("experiment", help="experiment name or path")
     for p in (run, resume, status):
-        p.add_argument("--storage", help="experiments folder or URI "
-                                         "(default $DISTIL_SEARCH_STORAGE or ~/distil-search/experiments)")
+        p.add_argument("--storage", help="experiments folder: a path or file:// URI, on a cluster one every node "
+                                         "mounts (default $DISTIL_SEARCH_STORAGE or ~/distil-search/experiments)")
     for p in (run, resume):
         p.add_argument("--address", help="an existing Ray cluster (default: start a local Ray)")
         p.add_argument("--no-progress", action="store_true", help="no live view")

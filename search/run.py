@@ -95,9 +95,27 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
+def storage_path(storage: str | None) -> Path:
+    """--storage as an absolute folder. A file:// URI is that folder; any other URI (s3://, gs://, ...) is
+    refused: the experiment folder is read and written with ordinary file I/O (distil_search.json, the
+    SQLite optuna.db), so it must be a (shared) file system path."""
+    storage = storage or default_storage()
+    if "://" in storage:
+        from urllib.parse import unquote, urlparse
+
+        uri = urlparse(storage)
+        if uri.scheme != "file" or uri.netloc not in ("", "localhost"):
+            raise UserInputError(f"--storage {storage}: expected a shared file system path (one that every node "
+                                 f"mounts, e.g. /mnt/distil/experiments) or a file:///path URI, not object or "
+                                 f"remote storage: the experiment folder ({META}, optuna.db) is read and written "
+                                 f"as files")
+        storage = unquote(uri.path)
+    return Path(storage).expanduser().resolve()
+
+
 def resolve_experiment(ref: str, storage: str | None = None) -> Path:
     """A name under the storage folder, or a path to an experiment folder."""
-    for candidate in (Path(ref).expanduser(), Path(storage or default_storage()).expanduser() / ref):
+    for candidate in (Path(ref).expanduser(), storage_path(storage) / ref):
         if (candidate / META).is_file():
             return candidate.resolve()
     raise UserInputError(f"experiment '{ref}': no {META} found at {ref} or under {storage or default_storage()}")
@@ -361,8 +379,8 @@ def confirm_top_k(exp: Path, meta: dict[str, Any], k: int, seeds: int, callbacks
 
 def run_search(opts: SearchOptions) -> dict[str, Any]:
     wall0 = time.perf_counter()
+    storage = str(storage_path(opts.storage))  # checked before the (long) preparation
     space, meta = prepare_search(opts)
-    storage = str(Path(opts.storage or default_storage()).expanduser().resolve()) if "://" not in (opts.storage or "") else opts.storage
     name = opts.name or f"{Path(opts.space).stem}-{meta['base']['data']['task']}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp = Path(storage) / name
     if (exp / META).exists():

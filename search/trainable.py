@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -88,6 +89,9 @@ def distil_trainable(config: dict[str, Any], base: dict[str, Any], artifacts: di
             "params": size,
             "params_ratio": size / prep.teacher.num_parameters(),
             "started_at": started_at,  # wall clock, to see which trials ran at the same time
+            # which Ray node ran this (attempt of the) trial: a retried trial may move to another node
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
         }
         if cfg.output.tensorboard:
             hparams = {**config.get("overrides", {}), **({"seed": config["seed"]} if "seed" in config else {})}
