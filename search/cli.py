@@ -73,6 +73,8 @@ def _print_summary(summary: dict) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from distil_core.config import parse_override
+
     from .run import SearchOptions, run_search
 
     opts = SearchOptions(space=_space_path(args.space), name=args.name, storage=args.storage, address=args.address,
@@ -83,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
                          objectives=args.objectives.split(",") if args.objectives else None,
                          warm_start=args.warm_start, confirm_top_k=args.confirm_top_k, seeds=args.seeds,
                          sampler=args.sampler, scheduler=args.scheduler, defaults_first=not args.no_defaults_first,
-                         live=not args.no_progress)
+                         live=not args.no_progress, overrides=dict(parse_override(o) for o in args.set))
     _print_summary(run_search(opts))
     return 0
 
@@ -186,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="search distillation settings (Ray Tune + Optuna + ASHA)")
     run.add_argument("space", help="a space file, or a preset name: quickstart, sst2, glue-small, distilbert")
     run.add_argument("--task", help="GLUE task, overriding the space's data.task")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key of the space's base config, e.g. --set data.train_limit=null (repeatable)")
     run.add_argument("--data-dir", help="GLUE folder (default $GLUE_DIR, else the hub)")
     run.add_argument("--teacher", help="hub id, local folder or minilm-l6")
     run.add_argument("--cache-dir", help="cache root shared by the trials (on a cluster: shared storage)")
@@ -197,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="the sampler's seed")
     run.add_argument("--objectives", help="main (default), or main,latency / main,params for NSGA-II")
     run.add_argument("--warm-start", metavar="EXPERIMENT", help="enqueue an earlier experiment's best configurations")
-    run.add_argument("--confirm-top-k", type=int, default=0, metavar="K", help="re-run the top K with --seeds seeds")
+    run.add_argument("--confirm-top-k", type=int, default=0, metavar="K", help="re-run the top K and the DistilBERT defaults with --seeds seeds")
     run.add_argument("--seeds", type=int, default=3)
     run.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="random: a baseline")
     run.add_argument("--scheduler", choices=["asha", "fifo"], default="asha", help="fifo: no early stopping")

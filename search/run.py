@@ -329,6 +329,7 @@ def pareto_front(rows: list[dict[str, Any]], objectives: list[str]) -> list[dict
 
 
 def summarise(exp: Path, meta: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
+    """summary.json; wall_seconds adds up every run and resume of the experiment."""
     rows = trial_rows(exp)
     finished = [r for r in rows if r["status"] == "TERMINATED" and r["main"] is not None]
     best = max(finished, key=lambda r: r["main"]) if finished else None
@@ -350,29 +351,41 @@ def summarise(exp: Path, meta: dict[str, Any], wall_seconds: float) -> dict[str,
 
 
 def confirm_top_k(exp: Path, meta: dict[str, Any], k: int, seeds: int, callbacks: list) -> list[dict[str, Any]]:
-    """Re-run the top-k finished configurations with `seeds` seeds each; rank them by mean."""
+    """Re-run the top-k finished configurations, and the DistilBERT defaults trial beside them, with `seeds`
+    seeds each (the base seed and the next ones); rank by mean. An interrupted confirmation resumes."""
     import statistics
 
-    rows = [r for r in trial_rows(exp) if r["status"] == "TERMINATED" and r["main"] is not None]
-    top = sorted(rows, key=lambda r: r["main"], reverse=True)[:k]
+    rows = trial_rows(exp)
+    done = [r for r in rows if r["status"] == "TERMINATED" and r["main"] is not None]
+    top = sorted(done, key=lambda r: r["main"], reverse=True)[:k]
     if not top:
         return []
-    tuner = tune.Tuner(
-        make_trainable(meta),
-        param_space={"overrides": tune.grid_search([r["overrides"] for r in top]),
-                     "seed": tune.grid_search([meta["base"]["seed"] + i for i in range(seeds)])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=meta["tune"]["max_concurrent"]),
-        run_config=run_config(meta, "confirm", str(exp), callbacks),
-    )
+    defaults = rows[0] if meta["tune"].get("defaults_first", True) else None
+    runs = top + ([defaults] if defaults and defaults["overrides"] not in [r["overrides"] for r in top] else [])
+    folder = exp / "confirm"
+    if tune.Tuner.can_restore(str(folder)):
+        tuner = tune.Tuner.restore(str(folder), trainable=make_trainable(meta), resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            make_trainable(meta),
+            param_space={"overrides": tune.grid_search([r["overrides"] for r in runs]),
+                         "seed": tune.grid_search([meta["base"]["seed"] + i for i in range(seeds)])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=meta["tune"]["max_concurrent"]),
+            run_config=run_config(meta, folder.name, str(exp), callbacks),
+        )
     results = tuner.fit()
     ranking = []
-    for r in top:
+    for r in runs:
         values = [res.metrics.get(MAIN) for res in results if res.config["overrides"] == r["overrides"]
                   and res.metrics and res.metrics.get(MAIN) is not None]
         ranking.append({"trial_id": r["trial_id"], "overrides": r["overrides"], "search_value": r["main"],
-                        "values": values, "mean": statistics.fmean(values) if values else None,
+                        "defaults": defaults is not None and r["overrides"] == defaults["overrides"],
+                        "top_k": r in top, "values": values, "mean": statistics.fmean(values) if values else None,
                         "std": statistics.stdev(values) if len(values) > 1 else 0.0})
     ranking.sort(key=lambda x: -1e9 if x["mean"] is None else x["mean"], reverse=True)
+    if results.num_terminated + results.num_errors < len(runs) * seeds:  # stopped before the end
+        raise SearchInterrupted(f"confirmation interrupted; finish it with: distil-search resume {exp.name} "
+                                f"--storage {exp.parent}")
     (exp / "confirm.json").write_text(json.dumps(ranking, indent=2, default=str))
     return ranking
 
@@ -397,6 +410,9 @@ def resume_search(ref: str, storage: str | None = None, address: str | None = No
     exp = resolve_experiment(ref, storage)
     meta = load_meta(exp)
     space = load_space(meta["space_file"])
+    previous = exp / "summary.json"  # an interrupted run's wall time counts too
+    if previous.is_file():
+        wall0 -= json.loads(previous.read_text()).get("wall_seconds", 0.0)
     return _fit(exp, meta, space, address or meta.get("address"), live, wall0, tuner="restore")
 
 
@@ -423,6 +439,7 @@ def _fit(exp: Path, meta: dict[str, Any], space: SearchSpace, address: str | Non
         if meta.get("confirm_top_k"):
             with view:
                 summary["confirm"] = confirm_top_k(exp, meta, meta["confirm_top_k"], meta["seeds"], [view])
+            summary["wall_seconds"] = time.perf_counter() - wall0
             (exp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
     finally:

@@ -58,3 +58,8 @@ def test_bad_inputs_give_one_clear_message(tmp_path):
     (tmp_path / "glue" / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nfine movie\tmaybe\n")
     assert_clean_error(cli("train", str(cfg)), "maybe")
     assert not (tmp_path / "out" / "student").exists()
+    # run --set: the space's base config, checked before anything runs
+    assert_clean_error(cli("run", "quickstart", "--set", "optim.lr", "--storage", str(tmp_path / "e")), "KEY=VALUE")
+    assert_clean_error(cli("run", "quickstart", "--set", "loss.temperature=-1", "--storage", str(tmp_path / "e")),
+                       "quickstart.yaml", "loss.temperature")
+    assert not (tmp_path / "e").exists()

@@ -104,7 +104,7 @@ def test_tiny_search_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_pareto_confirm_and_warm_start(tmp_path):
-    from search.run import SearchOptions, run_search
+    from search.run import SearchOptions, run_search, trial_rows
 
     space = write_space(tmp_path, num_samples=3, max_steps=4)
     storage = str(tmp_path / "exp")
@@ -112,10 +112,16 @@ def test_pareto_confirm_and_warm_start(tmp_path):
                                      objectives=["main", "latency"], confirm_top_k=1, seeds=2))
     # multi-objective (NSGA-II): the Pareto set over dev metric and latency is kept
     assert first["pareto"] and all(r["status"] == "TERMINATED" for r in first["pareto"])
-    # seed-robust pick: the top configuration re-run with 2 seeds, ranked by mean
-    (top,) = first["confirm"]
-    assert len(top["values"]) == 2 and top["mean"] == pytest.approx(sum(top["values"]) / 2)
-    assert json.loads((Path(first["experiment"]) / "confirm.json").read_text())[0]["overrides"] == top["overrides"]
+    # seed-robust pick: the top configuration, and the DistilBERT defaults beside it, re-run with 2 seeds
+    confirm = first["confirm"]
+    (top,) = [c for c in confirm if c["top_k"]]
+    (defaults,) = [c for c in confirm if c["defaults"]]
+    assert len(confirm) == (1 if top is defaults else 2)
+    assert defaults["overrides"] == trial_rows(Path(first["experiment"]))[0]["overrides"]
+    for c in confirm:
+        assert len(c["values"]) == 2 and c["mean"] == pytest.approx(sum(c["values"]) / 2)
+    assert [c["mean"] for c in confirm] == sorted((c["mean"] for c in confirm), reverse=True)
+    assert json.loads((Path(first["experiment"]) / "confirm.json").read_text()) == confirm
     # warm start: a new search enqueues the earlier experiment's best configurations after the defaults
     study = optuna.load_study(study_name="optuna", storage=f"sqlite:///{Path(first['experiment']) / 'optuna.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
