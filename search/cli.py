@@ -112,13 +112,14 @@ def _status(args: argparse.Namespace) -> int:
     from .run import load_meta, resolve_experiment, trial_rows
 
     exp = resolve_experiment(args.experiment, args.storage)
-    meta = load_meta(exp)
+    _say_mirror(exp)
+    meta = load_meta(exp.local)
     table = Table(title=f"{exp.name}: dev {meta['main_metric']} (teacher "
                         f"{meta['teacher']['metrics'].get(meta['main_metric'], float('nan')):.4f})")
     keys = meta["searched_keys"]
     for col in ["trial", "state", *keys, "best", "last", "step"]:
         table.add_column(col)
-    for r in trial_rows(exp):
+    for r in trial_rows(exp.local):
         vals = [r["overrides"].get(k) for k in keys]
         cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in vals]
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
@@ -129,6 +130,11 @@ def _status(args: argparse.Namespace) -> int:
         console = Console(width=240)
     console.print(table)
     return 0
+
+
+def _say_mirror(exp) -> None:
+    if exp.remote:
+        print(f"{exp.uri}: read from its local mirror {exp.local}", file=sys.stderr)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -148,11 +154,16 @@ def _export(args: argparse.Namespace) -> int:
 
 def _tensorboard(args: argparse.Namespace) -> int:
     from .run import resolve_experiment
-    from .tensorboard import serve
+    from .tensorboard import mirror_events, serve
 
-    exp = resolve_experiment(args.experiment, args.storage)
-    print(f"TensorBoard for {exp} at http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
-    serve(exp, args.host, args.port)
+    exp = resolve_experiment(args.experiment, args.storage, pull=False)
+    if exp.remote:
+        mirror_events(exp)
+        print(f"TensorBoard for {exp.uri}: its event files mirrored to {exp.local} (refreshed every 30 s), "
+              f"served from there at http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    else:
+        print(f"TensorBoard for {exp.local} at http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    serve(exp.local, args.host, args.port)
     return 0
 
 
@@ -163,9 +174,16 @@ def _report(args: argparse.Namespace) -> int:
     from .run import resolve_experiment
 
     exp = resolve_experiment(args.experiment, args.storage)
-    path = write_report(exp, Path(args.out).expanduser() if args.out else None, top_k=args.top_k)
+    _say_mirror(exp)
+    path = write_report(exp.local, Path(args.out).expanduser() if args.out else None, top_k=args.top_k)
     print(f"wrote {path} (plots beside it)")
     return 0
+
+
+STORAGE_HELP = ("where experiments live: a folder (path or file:// URI; on a cluster one every node mounts), or "
+                "object storage: s3://BUCKET/PATH, gs://BUCKET/PATH (options as a query, e.g. "
+                "?endpoint_override=HOST:PORT&scheme=http); default $DISTIL_SEARCH_STORAGE or ~/distil-search/experiments")
+EXPERIMENT_HELP = "experiment name (under --storage), folder or URI"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,10 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="finish an interrupted search")
     status = sub.add_parser("status", help="a table of a search's trials (also while it runs)")
     for p in (resume, status):
-        p.add_argument("experiment", help="experiment name or path")
+        p.add_argument("experiment", help=EXPERIMENT_HELP)
     for p in (run, resume, status):
-        p.add_argument("--storage", help="experiments folder: a path or file:// URI, on a cluster one every node "
-                                         "mounts (default $DISTIL_SEARCH_STORAGE or ~/distil-search/experiments)")
+        p.add_argument("--storage", help=STORAGE_HELP)
     for p in (run, resume):
         p.add_argument("--address", help="an existing Ray cluster (default: start a local Ray)")
         p.add_argument("--no-progress", action="store_true", help="no live view")
@@ -223,24 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=_status)
 
     export = sub.add_parser("export", help="write the best (or a named) trial's student, train.yaml and summary")
-    export.add_argument("experiment", help="experiment name or path")
+    export.add_argument("experiment", help=EXPERIMENT_HELP)
     export.add_argument("--out", required=True, help="folder to write (student/, train.yaml, summary.json)")
     export.add_argument("--trial", help="a trial id (default: the confirmed winner, else the best finished trial)")
     export.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     board = sub.add_parser("tensorboard", help="TensorBoard (HParams table and curves) for an experiment")
-    board.add_argument("experiment", help="experiment name or path")
+    board.add_argument("experiment", help=EXPERIMENT_HELP)
     board.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     board.add_argument("--port", type=int, default=6006)
     for p in (export, board):
-        p.add_argument("--storage", help="experiments folder (default $DISTIL_SEARCH_STORAGE or ~/distil-search/experiments)")
+        p.add_argument("--storage", help=STORAGE_HELP)
     export.set_defaults(func=_export)
     board.set_defaults(func=_tensorboard)
     report = sub.add_parser("report", help="report.md and plots of a search (best so far, Pareto fronts, "
                                            "importances, learning curves, top trials)")
-    report.add_argument("experiment", help="experiment name or path")
-    report.add_argument("--storage", help="experiments folder (default $DISTIL_SEARCH_STORAGE or "
-                                          "~/distil-search/experiments)")
-    report.add_argument("--out", help="report folder (default EXPERIMENT/report; an earlier report there is replaced)")
+    report.add_argument("experiment", help=EXPERIMENT_HELP)
+    report.add_argument("--storage", help=STORAGE_HELP)
+    report.add_argument("--out", help="report folder (default EXPERIMENT/report, for object storage in its local "
+                                      "mirror; an earlier report there is replaced)")
     report.add_argument("--top-k", type=int, default=5, help="trials in the table and the learning curves")
     report.set_defaults(func=_report)
     return parser

@@ -5,7 +5,9 @@ DIR/train.yaml  the trial's complete distil_core config with the full-data sched
 DIR/summary.json  space, config, metrics, seeds, code version, data and teacher identity, size and latency
 
 The exported student is evaluated again from DIR/student/ and both numbers are recorded, so a broken
-export shows up at once. DIR is written whole or not at all.
+export shows up at once. DIR is written whole or not at all. An experiment on object storage is read from
+its local mirror, with only the exported trial's last checkpoint downloaded, and the prepared artifacts
+from the node cache (search/artifacts.py).
 """
 from __future__ import annotations
 
@@ -25,12 +27,14 @@ from distil_core.errors import UserInputError
 from distil_core.recipe import build_run_student, load_prepared, prepare, preparation_key, task_evaluator
 from distil_core.student import describe_student
 
+from .artifacts import localize
 from .run import load_meta, resolve_experiment, trial_rows
 from .trainable import trial_config
 
 
 def pick_trial(exp: Path, trial_id: str | None) -> dict[str, Any]:
-    """The named trial; else the seed-confirmed winner (confirm.json); else the best finished trial."""
+    """The named trial of an experiment's (local) folder; else the seed-confirmed winner (confirm.json);
+    else the best finished trial."""
     rows = trial_rows(exp)
     if trial_id:
         found = [r for r in rows if r["trial_id"] == trial_id]
@@ -83,17 +87,22 @@ def code_version() -> dict[str, str | None]:
 
 def export(ref: str, out: str | Path, storage: str | None = None, trial_id: str | None = None,
            overwrite: bool = False) -> dict[str, Any]:
-    exp = resolve_experiment(ref, storage)
-    meta = load_meta(exp)
     out = Path(out).expanduser().resolve()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserInputError(f"--out {out} is not empty: choose another folder or pass --overwrite")
+    located = resolve_experiment(ref, storage)
+    exp = located.local
+    meta = load_meta(exp)
     row = pick_trial(exp, trial_id)
+    located.pull_checkpoint(Path(row["path"]))  # object storage: this trial's last checkpoint only
     ckpt = last_checkpoint(row["path"])
     cfg = trial_config(meta["base"], {"overrides": row["overrides"], **({"seed": row["seed"]} if row["seed"] is not None else {})},
                        out / "trial-run")
     artifacts = meta.get("artifacts")
-    prep = load_prepared(cfg, artifacts) if artifacts and artifacts["key"] == preparation_key(cfg) else prepare(cfg, progress=False)
+    if artifacts and artifacts["key"] == preparation_key(cfg):
+        prep = load_prepared(cfg, localize(artifacts, located.artifact_store()))
+    else:
+        prep = prepare(cfg, progress=False)
     student, _ = build_run_student(prep)
     load_model(student, str(ckpt / "model.safetensors"), device=str(prep.device))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +118,7 @@ def export(ref: str, out: str | Path, storage: str | None = None, trial_id: str 
         save_config(full_training_config(cfg, f"runs/{exp.name}-full"), tmp / "train.yaml")
         reported = row["last_result"]
         summary = {
-            "experiment": str(exp),
+            "experiment": located.uri,
             "trial_id": row["trial_id"],
             "status": row["status"],
             "space": meta["space"],
@@ -119,7 +128,7 @@ def export(ref: str, out: str | Path, storage: str | None = None, trial_id: str 
             "metrics": {k: v for k, v in reported.items() if k.startswith("dev_") or k == "main"},
             "reevaluated": reproduced,
             "step": row["step"],
-            "checkpoint": str(ckpt),
+            "checkpoint": located.where(ckpt),
             "seeds": {"seed": cfg.seed, "data.seed": cfg.data.seed, "teacher.finetune.seed": cfg.teacher.finetune.seed,
                       "tune.seed": meta["tune"]["seed"]},
             "confirm": _confirmed(exp, row["trial_id"]),

@@ -149,7 +149,8 @@ def trials_table(top, defaults, keys: list[str], metric: str) -> list[str]:
 
 
 def write_report(exp: Path, out: Path | None = None, top_k: int = 5) -> Path:
-    """Write report.md and its plots for the experiment folder exp into out (default exp/report); returns report.md."""
+    """Write report.md and its plots for the experiment folder exp (for one on object storage: its local
+    mirror) into out (default exp/report); returns report.md."""
     exp = Path(exp).resolve()
     out = Path(out) if out else exp / "report"
     if top_k < 1:
@@ -216,7 +217,7 @@ def report_lines(exp, meta, rows, top, defaults, fronts, imp_md) -> list[str]:
         f"sampler {tune_.get('sampler', 'tpe')}, scheduler {tune_.get('scheduler', 'asha')}, seed {tune_.get('seed')}",
         f"- trials: {len(rows)} ({', '.join(f'{n} {s}' for s, n in counts.items())})",
         f"- wall time: {_fmt(wall, '.0f')} s" + ("" if wall is not None else " (no summary.json: still running?)"),
-        f"- experiment: `{exp}`; report written {time.strftime('%Y-%m-%d %H:%M:%S')}", "",
+        f"- experiment: `{summary.get('experiment') or exp}`; report written {time.strftime('%Y-%m-%d %H:%M:%S')}", "",
         "## Best so far", "", "![best so far](best_so_far.png)", "",
         f"## dev {metric} against size and latency", "",
         "Pareto front (finished trials; highest metric, fewest parameters / lowest latency) marked and connected; "

@@ -1,13 +1,16 @@
 """The search: prepare once, then Tuner + OptunaSearch (seeded multivariate TPE, or NSGA-II) + ASHA.
 
 Experiment folder (storage/name): Tune's state and trials, plus distil_search.json (what this search
-is, for resume/status/export), optuna.db (the study), summary.json and confirm.json.
+is, for resume/status/export), optuna.db (the study), summary.json and confirm.json. On object storage
+(search/storage.py) Tune writes there itself, and these files are written to the experiment's local
+folder and uploaded whenever they change; with the prepared artifacts uploaded too (search/artifacts.py).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shlex
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -35,19 +38,16 @@ from distil_core.student import measure_latency_ms
 from distil_core.teacher import resolve_teacher
 
 from . import SearchInterrupted
+from .artifacts import ArtifactStore, upload
 from .space import SearchSpace, base_config, compile_space, defaults_point, load_space, searched_keys
+from .storage import META, Experiment, default_storage, find_experiment, parse_storage  # noqa: F401 (default_storage: was here)
 from .tensorboard import write_experiment_config
 from .trainable import MAIN, distil_trainable
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the live view reports trials instead
 
-META = "distil_search.json"
 OBJECTIVE_METRICS = {"main": (MAIN, "max"), "latency": ("latency_ms", "min"), "params": ("params", "min")}
-
-
-def default_storage() -> str:
-    return os.environ.get("DISTIL_SEARCH_STORAGE") or str(Path.home() / "distil-search" / "experiments")
 
 
 @dataclass
@@ -95,34 +95,18 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
-def storage_path(storage: str | None) -> Path:
-    """--storage as an absolute folder. A file:// URI is that folder; any other URI (s3://, gs://, ...) is
-    refused: the experiment folder is read and written with ordinary file I/O (distil_search.json, the
-    SQLite optuna.db), so it must be a (shared) file system path."""
-    storage = storage or default_storage()
-    if "://" in storage:
-        from urllib.parse import unquote, urlparse
-
-        uri = urlparse(storage)
-        if uri.scheme != "file" or uri.netloc not in ("", "localhost"):
-            raise UserInputError(f"--storage {storage}: expected a shared file system path (one that every node "
-                                 f"mounts, e.g. /mnt/distil/experiments) or a file:///path URI, not object or "
-                                 f"remote storage: the experiment folder ({META}, optuna.db) is read and written "
-                                 f"as files")
-        storage = unquote(uri.path)
-    return Path(storage).expanduser().resolve()
-
-
-def resolve_experiment(ref: str, storage: str | None = None) -> Path:
-    """A name under the storage folder, or a path to an experiment folder."""
-    for candidate in (Path(ref).expanduser(), storage_path(storage) / ref):
-        if (candidate / META).is_file():
-            return candidate.resolve()
-    raise UserInputError(f"experiment '{ref}': no {META} found at {ref} or under {storage or default_storage()}")
+def resolve_experiment(ref: str, storage: str | None = None, pull: bool = True) -> Experiment:
+    """A name under --storage, an experiment folder or URI. pull: an experiment on object storage is first
+    mirrored into its local folder (all but checkpoints, artifacts and event files)."""
+    exp = find_experiment(ref, storage)
+    if pull:
+        exp.pull()
+    return exp
 
 
 def load_meta(exp: Path) -> dict[str, Any]:
-    return json.loads((exp / META).read_text())
+    """distil_search.json of an experiment's (local) folder."""
+    return json.loads((Path(exp) / META).read_text())
 
 
 def num_evaluations(cfg: Config, n_train: int, min_batch: int) -> int:
@@ -133,9 +117,10 @@ def num_evaluations(cfg: Config, n_train: int, min_batch: int) -> int:
     return math.ceil(steps / o.eval_every)
 
 
-def make_trainable(meta: dict[str, Any]):
+def make_trainable(meta: dict[str, Any], store: ArtifactStore | None = None):
+    """store: where trials on nodes without the driver's disk download the prepared artifacts from."""
     t = meta["tune"]
-    trainable = tune.with_parameters(distil_trainable, base=meta["base"], artifacts=meta.get("artifacts"))
+    trainable = tune.with_parameters(distil_trainable, base=meta["base"], artifacts=meta.get("artifacts"), store=store)
     return tune.with_resources(trainable, {"cpu": t["cpus_per_trial"], "gpu": t["gpus_per_trial"]})
 
 
@@ -148,14 +133,14 @@ def _objectives(names: list[str]) -> tuple[list[str], list[str]]:
 
 def warm_start_points(ref: str, storage: str | None, k: int = 3) -> list[dict[str, Any]]:
     """The Optuna params of an earlier experiment's best completed trials."""
-    exp = resolve_experiment(ref, storage)
+    exp = resolve_experiment(ref, storage).local
     study = optuna.load_study(study_name="optuna", storage=f"sqlite:///{exp / 'optuna.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     done.sort(key=lambda t: t.values[0], reverse=True)
     return [dict(t.params) for t in done[:k]]
 
 
-def build_tuner(meta: dict[str, Any], space: SearchSpace, exp_parent: str, name: str, callbacks: list) -> tune.Tuner:
+def build_tuner(meta: dict[str, Any], space: SearchSpace, exp: Experiment, callbacks: list) -> tune.Tuner:
     from transformers import AutoConfig
 
     t = meta["tune"]
@@ -179,19 +164,29 @@ def build_tuner(meta: dict[str, Any], space: SearchSpace, exp_parent: str, name:
     if t.get("scheduler") == "fifo":
         scheduler = FIFOScheduler()
     return tune.Tuner(
-        make_trainable(meta),
+        make_trainable(meta, _store(exp, meta)),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t["num_samples"],
                                     max_concurrent_trials=t["max_concurrent"]),
-        run_config=run_config(meta, name, exp_parent, callbacks),
+        run_config=run_config(meta, exp.name, _parent(exp.tune_path), callbacks, exp.fs),
     )
 
 
-def run_config(meta: dict[str, Any], name: str, storage_path: str, callbacks: list) -> tune.RunConfig:
+def _parent(tune_path: str) -> str:
+    return tune_path.rstrip("/").rpartition("/")[0]
+
+
+def _store(exp: Experiment, meta: dict[str, Any]) -> ArtifactStore | None:
+    return exp.artifact_store() if (meta.get("artifacts") or {}).get("remote") else None
+
+
+def run_config(meta: dict[str, Any], name: str, storage_path: str, callbacks: list, fs=None) -> tune.RunConfig:
     """Keep each trial's last checkpoint, retry failed trials from it, and sync trial folders (TensorBoard
-    runs) to the experiment's storage from whichever node ran them."""
+    runs) to the experiment's storage from whichever node ran them. fs: the pyarrow filesystem of object
+    storage (storage_path is then BUCKET/PATH), None for a folder."""
     return tune.RunConfig(
         name=name,
         storage_path=storage_path,
+        storage_filesystem=fs,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=meta["max_failures"]),
         sync_config=tune.SyncConfig(sync_artifacts=True),
@@ -266,22 +261,24 @@ def start_ray(address: str | None) -> bool:
     return True
 
 
-def save_study(exp: Path) -> optuna.Study | None:
+def save_study(exp: Experiment) -> optuna.Study | None:
     """Copy the searcher's in-memory Optuna study (restored from Tune's searcher state) to optuna.db."""
     searcher = PrunedAwareOptunaSearch()
     try:
-        searcher.restore_from_dir(str(exp))
+        searcher.restore_from_dir(str(exp.local))
     except (FileNotFoundError, RuntimeError):
         return None
-    db = exp / "optuna.db"
+    db = exp.local / "optuna.db"
     db.unlink(missing_ok=True)
     optuna.copy_study(from_study_name="optuna", from_storage=searcher._ot_study._storage,
                       to_storage=f"sqlite:///{db}", to_study_name="optuna")
+    exp.push(db.name)
     return optuna.load_study(study_name="optuna", storage=f"sqlite:///{db}")
 
 
 def trial_rows(exp: Path) -> list[dict[str, Any]]:
-    """One row per trial from Tune's state: status (PRUNED for ASHA-stopped), overrides, last/best main."""
+    """One row per trial from Tune's state in an experiment's (local) folder: status (PRUNED for
+    ASHA-stopped), overrides, last/best main."""
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(str(exp))
@@ -328,14 +325,14 @@ def pareto_front(rows: list[dict[str, Any]], objectives: list[str]) -> list[dict
     return [r for r in done if not any(all(a >= b for a, b in zip(key(o), key(r))) and key(o) != key(r) for o in done)]
 
 
-def summarise(exp: Path, meta: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
+def summarise(exp: Experiment, meta: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
     """summary.json; wall_seconds adds up every run and resume of the experiment."""
-    rows = trial_rows(exp)
+    rows = trial_rows(exp.local)
     finished = [r for r in rows if r["status"] == "TERMINATED" and r["main"] is not None]
     best = max(finished, key=lambda r: r["main"]) if finished else None
     counts = {s: sum(r["status"] == s for r in rows) for s in ("TERMINATED", "PRUNED", "ERROR", "RUNNING", "PENDING")}
     summary = {
-        "experiment": str(exp),
+        "experiment": exp.uri,
         "main_metric": meta["main_metric"],
         "teacher": meta["teacher"],
         "trials": len(rows),
@@ -346,32 +343,38 @@ def summarise(exp: Path, meta: dict[str, Any], wall_seconds: float) -> dict[str,
         "pareto": pareto_front(rows, meta["tune"]["objectives"]) if len(meta["tune"]["objectives"]) > 1 else None,
         "wall_seconds": wall_seconds,
     }
-    (exp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _write(exp, "summary.json", summary)
     return summary
 
 
-def confirm_top_k(exp: Path, meta: dict[str, Any], k: int, seeds: int, callbacks: list) -> list[dict[str, Any]]:
+def _write(exp: Experiment, name: str, content: Any) -> None:
+    (exp.local / name).write_text(json.dumps(content, indent=2, default=str))
+    exp.push(name)
+
+
+def confirm_top_k(exp: Experiment, meta: dict[str, Any], k: int, seeds: int, callbacks: list) -> list[dict[str, Any]]:
     """Re-run the top-k finished configurations, and the DistilBERT defaults trial beside them, with `seeds`
     seeds each (the base seed and the next ones); rank by mean. An interrupted confirmation resumes."""
     import statistics
 
-    rows = trial_rows(exp)
+    rows = trial_rows(exp.local)
     done = [r for r in rows if r["status"] == "TERMINATED" and r["main"] is not None]
     top = sorted(done, key=lambda r: r["main"], reverse=True)[:k]
     if not top:
         return []
     defaults = rows[0] if meta["tune"].get("defaults_first", True) else None
     runs = top + ([defaults] if defaults and defaults["overrides"] not in [r["overrides"] for r in top] else [])
-    folder = exp / "confirm"
-    if tune.Tuner.can_restore(str(folder)):
-        tuner = tune.Tuner.restore(str(folder), trainable=make_trainable(meta), resume_errored=True)
+    folder = f"{exp.tune_path}/confirm"
+    trainable = make_trainable(meta, _store(exp, meta))
+    if tune.Tuner.can_restore(folder, storage_filesystem=exp.fs):
+        tuner = tune.Tuner.restore(folder, trainable=trainable, resume_errored=True, storage_filesystem=exp.fs)
     else:
         tuner = tune.Tuner(
-            make_trainable(meta),
+            trainable,
             param_space={"overrides": tune.grid_search([r["overrides"] for r in runs]),
                          "seed": tune.grid_search([meta["base"]["seed"] + i for i in range(seeds)])},
             tune_config=tune.TuneConfig(max_concurrent_trials=meta["tune"]["max_concurrent"]),
-            run_config=run_config(meta, folder.name, str(exp), callbacks),
+            run_config=run_config(meta, "confirm", exp.tune_path, callbacks, exp.fs),
         )
     results = tuner.fit()
     ranking = []
@@ -385,38 +388,47 @@ def confirm_top_k(exp: Path, meta: dict[str, Any], k: int, seeds: int, callbacks
     ranking.sort(key=lambda x: -1e9 if x["mean"] is None else x["mean"], reverse=True)
     if results.num_terminated + results.num_errors < len(runs) * seeds:  # stopped before the end
         raise SearchInterrupted(f"confirmation interrupted; finish it with: distil-search resume {exp.name} "
-                                f"--storage {exp.parent}")
-    (exp / "confirm.json").write_text(json.dumps(ranking, indent=2, default=str))
+                                f"--storage {shlex.quote(str(exp.storage))}")
+    _write(exp, "confirm.json", ranking)
     return ranking
 
 
 def run_search(opts: SearchOptions) -> dict[str, Any]:
     wall0 = time.perf_counter()
-    storage = str(storage_path(opts.storage))  # checked before the (long) preparation
+    storage = parse_storage(opts.storage)  # checked before the (long) preparation; a bucket: that it exists
+    if opts.name:
+        _check_new(storage.experiment(opts.name))
     space, meta = prepare_search(opts)
     name = opts.name or f"{Path(opts.space).stem}-{meta['base']['data']['task']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    exp = Path(storage) / name
-    if (exp / META).exists():
-        raise UserInputError(f"experiment {exp} exists: use `distil-search resume {name}` or another --name")
-    exp.mkdir(parents=True, exist_ok=True)
-    meta.update({"name": name, "storage": storage, "address": opts.address})
-    (exp / META).write_text(json.dumps(meta, indent=2, default=str))
-    write_experiment_config(exp, space, list(meta["teacher"]["metrics"]))
+    exp = storage.experiment(name)
+    _check_new(exp)
+    exp.start()
+    if exp.remote and meta["artifacts"]:  # trials on nodes without this disk download them (once per node)
+        meta["artifacts"] = upload(meta["artifacts"], exp.artifact_store())
+    meta.update({"name": name, "storage": str(storage), "address": opts.address})
+    write_experiment_config(exp.local, space, list(meta["teacher"]["metrics"]))
+    exp.push(*(p.name for p in exp.local.glob("events.out.tfevents*")))
+    _write(exp, META, meta)  # last: an experiment with distil_search.json has everything it needs
     return _fit(exp, meta, space, opts.address, opts.live, wall0, tuner=None)
+
+
+def _check_new(exp: Experiment) -> None:
+    if exp.exists():
+        raise UserInputError(f"experiment {exp.uri} exists: use `distil-search resume {exp.name}` or another --name")
 
 
 def resume_search(ref: str, storage: str | None = None, address: str | None = None, live: bool = True) -> dict[str, Any]:
     wall0 = time.perf_counter()
     exp = resolve_experiment(ref, storage)
-    meta = load_meta(exp)
+    meta = load_meta(exp.local)
     space = load_space(meta["space_file"])
-    previous = exp / "summary.json"  # an interrupted run's wall time counts too
+    previous = exp.local / "summary.json"  # an interrupted run's wall time counts too
     if previous.is_file():
         wall0 -= json.loads(previous.read_text()).get("wall_seconds", 0.0)
     return _fit(exp, meta, space, address or meta.get("address"), live, wall0, tuner="restore")
 
 
-def _fit(exp: Path, meta: dict[str, Any], space: SearchSpace, address: str | None, live: bool, wall0: float,
+def _fit(exp: Experiment, meta: dict[str, Any], space: SearchSpace, address: str | None, live: bool, wall0: float,
          tuner: str | None) -> dict[str, Any]:
     from .live import LiveView
 
@@ -424,23 +436,25 @@ def _fit(exp: Path, meta: dict[str, Any], space: SearchSpace, address: str | Non
     try:
         view = LiveView(meta, enabled=live)
         if tuner == "restore":
-            t = tune.Tuner.restore(str(exp), trainable=make_trainable(meta), resume_errored=True)
+            t = tune.Tuner.restore(exp.tune_path, trainable=make_trainable(meta, _store(exp, meta)),
+                                   resume_errored=True, storage_filesystem=exp.fs)
         else:
-            t = build_tuner(meta, space, str(exp.parent), exp.name, [view])
+            t = build_tuner(meta, space, exp, [view])
         with view:
             t.fit()
+        exp.pull()  # object storage: Tune's state and the trials' results, beside this driver's own files
         save_study(exp)
         summary = summarise(exp, meta, time.perf_counter() - wall0)
         c = summary["counts"]
         if summary["trials"] < meta["tune"]["num_samples"] or c["RUNNING"] or c["PENDING"]:
             raise SearchInterrupted(f"search interrupted after {c['TERMINATED'] + c['PRUNED']} of "
                                     f"{meta['tune']['num_samples']} trials; finish it with: distil-search resume "
-                                    f"{exp.name} --storage {exp.parent}")
+                                    f"{exp.name} --storage {shlex.quote(str(exp.storage))}")
         if meta.get("confirm_top_k"):
             with view:
                 summary["confirm"] = confirm_top_k(exp, meta, meta["confirm_top_k"], meta["seeds"], [view])
             summary["wall_seconds"] = time.perf_counter() - wall0
-            (exp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            _write(exp, "summary.json", summary)
         return summary
     finally:
         if started:

@@ -5,18 +5,26 @@ one arbitrary trial's columns; run.py turns it off. Instead the driver writes on
 (every searched parameter, every metric) at the experiment root, and each trial writes its session
 (its hparams and static metrics) into its own run folder, where distil_core's trainer writes the loss
 terms, lr, examples/s and dev metrics. Trial folders reach the experiment's storage with Tune's artifact
-sync, so `tensorboard --logdir EXPERIMENT` sees trials that ran on other nodes too.
+sync, so `tensorboard --logdir EXPERIMENT` sees trials that ran on other nodes too. An experiment on
+object storage is served from a local mirror of its event files, refreshed in the background.
 """
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tensorboard.plugins.hparams import summary_v2 as hp
 from torch.utils.tensorboard.writer import FileWriter
 
 from .space import SearchSpace
+
+if TYPE_CHECKING:
+    from .storage import Experiment
+
+log = logging.getLogger(__name__)
 
 # Per-trial values known before training, logged once as scalars at step 0 in the session's own run.
 STATIC_METRICS = ("search/params", "search/params_ratio", "search/latency_ms", "search/speedup")
@@ -75,3 +83,21 @@ def serve(exp: Path, host: str = "127.0.0.1", port: int = 6006) -> None:
     board = program.TensorBoard()
     board.configure(argv=[None, "--logdir", str(exp), "--host", host, "--port", str(port)])
     board.main()
+
+
+def mirror_events(exp: Experiment, every_s: float = 30.0) -> None:
+    """Copy an experiment's event files from object storage into its local folder now, then every every_s
+    seconds in a background thread (appending what the files gained), so TensorBoard follows a running search."""
+    from .storage import is_event_file
+
+    exp.pull(include=is_event_file)
+
+    def refresh() -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                exp.pull(include=is_event_file)
+            except OSError as e:  # a network hiccup: the next round tries again
+                log.warning("refreshing the TensorBoard mirror of %s: %s", exp.uri, e)
+
+    threading.Thread(target=refresh, name="tensorboard-mirror", daemon=True).start()

@@ -2,7 +2,9 @@
 
 Each dev evaluation becomes one `tune.report` with a `tune.Checkpoint`; a restored trial resumes from
 `tune.get_checkpoint()`. Data, the fine-tuned teacher and the teacher outputs come from the caches that
-the search filled once before the trials (keyed by content hash), so a trial only reads them.
+the search filled once before the trials (keyed by content hash), so a trial only reads them: in place
+where the node has the driver's paths (local Ray, a shared file system), else downloaded once per node
+from the experiment's object storage (search/artifacts.py).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from distil_core.recipe import build_run_student, distill, load_prepared, prepar
 from distil_core.student import measure_latency_ms
 from distil_core.trainer import EvalEvent
 
+from .artifacts import ArtifactStore, localize
 from .tensorboard import TRAINER_RUN, write_trial_session
 
 MAIN = "main"  # every trial reports its task's main dev metric under this name too
@@ -64,7 +67,8 @@ class TuneReporter:
         tune.report(metrics, checkpoint=checkpoint)
 
 
-def distil_trainable(config: dict[str, Any], base: dict[str, Any], artifacts: dict[str, Any] | None = None) -> None:
+def distil_trainable(config: dict[str, Any], base: dict[str, Any], artifacts: dict[str, Any] | None = None,
+                     store: ArtifactStore | None = None) -> None:
     started, started_at = time.perf_counter(), time.time()
     out_dir = Path(tune.get_context().get_trial_dir()) / TRAINER_RUN.split("/")[0]
     cfg = trial_config(base, config, out_dir)
@@ -74,7 +78,7 @@ def distil_trainable(config: dict[str, Any], base: dict[str, Any], artifacts: di
         # The search prepared data, teacher and teacher outputs once: load them by path when this trial's
         # data and teacher settings are the base's, else prepare (cache hits where they match).
         usable = artifacts is not None and artifacts["key"] == preparation_key(cfg)
-        prep = load_prepared(cfg, artifacts) if usable else prepare(cfg, progress=False)
+        prep = load_prepared(cfg, localize(artifacts, store)) if usable else prepare(cfg, progress=False)
         student, _ = build_run_student(prep)
         # Student and teacher timed side by side in this trial's process: same threads, same neighbours.
         latency = measure_latency_ms(student, cfg.data.max_length, repeats=10, device=prep.device)

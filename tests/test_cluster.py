@@ -1,5 +1,6 @@
 """cluster/: the launcher configs pass Ray's own validation (and a broken copy does not), the KubeRay
-manifests have what a GPU search with token authentication needs, and cluster/local_cluster.py starts
+manifests have what a GPU search with token authentication and experiments in a bucket (S3 / GCS) needs,
+and cluster/local_cluster.py starts
 and stops a real two-node Ray cluster with token authentication (slow). Nothing here initialises Ray in
 the pytest process: the cluster test talks to Ray from child processes only."""
 from __future__ import annotations
@@ -27,8 +28,11 @@ CLUSTER = ROOT / "cluster"
 LAUNCHER_CONFIGS = sorted(CLUSTER.glob("*.yaml"))
 KUBERAY = CLUSTER / "kuberay"
 LOCAL_CLUSTER = CLUSTER / "local_cluster.py"
-SHARED = "/mnt/distil"  # where every config mounts the shared file system
+SHARED = "/mnt/distil"  # where the optional shared file system for the cache is mounted
+BUCKETS = ("s3://", "gs://")  # experiments (--storage) live on object storage
+BUCKET_OF = {"aws": "s3://", "gcp": "gs://"}
 TOKEN_SECRET = "distil-search-ray-token"
+SERVICE_ACCOUNT = "distil-search"  # the KubeRay pods' identity for the bucket
 
 
 def _load_local_cluster():
@@ -78,7 +82,17 @@ def test_launcher_config_passes_ray_validation(path):
     # every node installs this package (setup_commands are merged into head and worker setup)
     for key in ("head_setup_commands", "worker_setup_commands"):
         assert any("pip install" in c and "distil-search" in c for c in cfg[key]), key
-        assert any("mount" in c and SHARED in c for c in cfg[key]), f"{key}: shared file system at {SHARED}"
+        # experiments in the cloud's bucket by default (DISTIL_SEARCH_STORAGE, every distil-search command)
+        assert any(f"DISTIL_SEARCH_STORAGE={BUCKET_OF[path.stem]}" in c for c in cfg[key]), key
+    # every node reaches the bucket with a cloud identity of its own: the driver uploads the caches, trials
+    # write checkpoints and download the caches (on GCP the head gets Ray's default service account)
+    for name, node in types.items():
+        config = node["node_config"]
+        if path.stem == "aws":
+            assert config.get("IamInstanceProfile", {}).get("Arn"), f"{name}: an instance profile for S3"
+        elif name != cfg["head_node_type"]:
+            scopes = [s for account in config.get("serviceAccounts", []) for s in account.get("scopes", [])]
+            assert any(s.endswith("/cloud-platform") for s in scopes), f"{name}: a service account for GCS"
     # file mounts with a local path relative to the repository root (where `ray up` runs) exist
     for remote, local in cfg["file_mounts"].items():
         if not local.startswith("~"):
@@ -149,9 +163,16 @@ def _one(name: str, kind: str) -> dict:
 
 
 def _pvc_name() -> str:
+    """The optional shared volume for the cache."""
     pvc = _one("storage.yaml", "PersistentVolumeClaim")
     assert pvc["apiVersion"] == "v1" and "ReadWriteMany" in pvc["spec"]["accessModes"]
     return pvc["metadata"]["name"]
+
+
+def test_kuberay_service_account_binds_a_cloud_identity():
+    sa = _one("serviceaccount.yaml", "ServiceAccount")
+    assert sa["apiVersion"] == "v1" and sa["metadata"]["name"] == SERVICE_ACCOUNT
+    assert {"eks.amazonaws.com/role-arn", "iam.gke.io/gcp-service-account"} & set(sa["metadata"]["annotations"])
 
 
 def _env(container: dict) -> dict[str, dict]:
@@ -165,7 +186,8 @@ def _assert_token_auth(env: dict[str, dict], where: str):
 
 
 def _assert_ray_pod(template: dict, where: str, pvc: str) -> dict:
-    """Token auth on every container; /tmp/ray and the shared volume mounted. Returns the Ray container."""
+    """Token auth on every container; /tmp/ray on a volume; the bucket: the pod's identity and the default
+    --storage; the shared volume, if mounted, is the claim. Returns the Ray container."""
     spec = template["spec"]
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     assert spec["containers"], where
@@ -176,8 +198,11 @@ def _assert_ray_pod(template: dict, where: str, pvc: str) -> dict:
     assert "/tmp/ray" in mounts, f"{where}: /tmp/ray on a volume"
     tmp = volumes[mounts["/tmp/ray"]]
     assert "emptyDir" in tmp or "persistentVolumeClaim" in tmp, where
-    assert SHARED in mounts, f"{where}: shared storage at {SHARED}"
-    assert volumes[mounts[SHARED]].get("persistentVolumeClaim", {}).get("claimName") == pvc, where
+    assert spec.get("serviceAccountName") == SERVICE_ACCOUNT, f"{where}: runs as {SERVICE_ACCOUNT} (the bucket)"
+    storage = _env(ray).get("DISTIL_SEARCH_STORAGE", {}).get("value", "")
+    assert storage.startswith(BUCKETS), f"{where}: DISTIL_SEARCH_STORAGE {storage!r} is not a bucket"
+    if SHARED in mounts:  # optional: a shared cache
+        assert volumes[mounts[SHARED]].get("persistentVolumeClaim", {}).get("claimName") == pvc, where
     return ray
 
 
@@ -206,7 +231,7 @@ def test_kuberay_raycluster():
     _assert_cluster_spec(rc["spec"], "RayCluster", _pvc_name())
 
 
-def test_kuberay_rayjob_runs_a_search_on_shared_storage():
+def test_kuberay_rayjob_runs_a_search_on_a_bucket():
     job = _one("rayjob.yaml", "RayJob")
     assert job["apiVersion"] == "ray.io/v1"
     spec = job["spec"]
@@ -222,7 +247,7 @@ def test_kuberay_rayjob_runs_a_search_on_shared_storage():
     from search.cli import build_parser  # light: no Ray, no torch
 
     args = build_parser().parse_args(argv[1:])
-    assert args.storage.startswith(SHARED) and args.cache_dir.startswith(SHARED)
+    assert args.storage.startswith(BUCKETS) and (args.cache_dir is None or args.cache_dir.startswith(SHARED))
     assert Path(args.space).exists() or (ROOT / "spaces" / f"{args.space}.yaml").is_file()
 
 
@@ -253,8 +278,18 @@ def _autoscaler_without_token(m):
     m["spec"]["autoscalerOptions"].pop("env")
 
 
+def _worker_without_service_account(m):
+    m["spec"]["workerGroupSpecs"][0]["template"]["spec"].pop("serviceAccountName")
+
+
+def _storage_on_a_local_path(m):
+    env = m["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    next(e for e in env if e["name"] == "DISTIL_SEARCH_STORAGE")["value"] = "/tmp/experiments"
+
+
 @pytest.mark.parametrize("breakage", [_no_auth_mode_on_worker, _token_literal_on_head, _no_gpu_limit,
-                                      _no_tmp_ray_volume, _head_offers_cpus, _autoscaler_without_token],
+                                      _no_tmp_ray_volume, _head_offers_cpus, _autoscaler_without_token,
+                                      _worker_without_service_account, _storage_on_a_local_path],
                          ids=lambda f: f.__name__.lstrip("_"))
 def test_kuberay_checks_catch_a_broken_copy(breakage):
     rc = copy.deepcopy(_one("raycluster.yaml", "RayCluster"))
@@ -306,9 +341,9 @@ def test_documented_commands_parse():
             pytest.fail(f"{name}: `{command}` does not parse")
         if "$RAY_ADDRESS" in command:  # the local cluster: every node sees this machine's disk
             continue
-        assert (args.storage or "").startswith(SHARED), f"{name}: `{command}`: --storage on shared storage"
-        if args.command == "run":
-            assert (args.cache_dir or "").startswith(SHARED), f"{name}: `{command}`: --cache-dir on shared storage"
+        assert (args.storage or "").startswith(BUCKETS), f"{name}: `{command}`: --storage in a bucket"
+        if getattr(args, "cache_dir", None):  # optional: a cache on the shared file system
+            assert args.cache_dir.startswith(SHARED), f"{name}: `{command}`: --cache-dir on shared storage"
 
 
 # ------------------------------------------------------------------------------ local_cluster.py (no Ray)

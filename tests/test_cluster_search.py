@@ -1,6 +1,7 @@
 """The search on a real two-node Ray cluster (cluster/local_cluster.py, token auth, loopback): trials land
 on both nodes, a worker node that dies mid-search costs no trial (retried from its last checkpoint on the
-head), an interrupted driver resumes against the cluster; and --storage takes paths and file:// URIs only.
+head), an interrupted driver resumes against the cluster; and what --storage takes (folders, file:// URIs,
+s3:// and gs:// object storage; tests/test_storage.py runs a search against an S3 server).
 
 The cluster tests are slow (a cluster start, a driver that prepares the caches, trial actors on two nodes).
 The pytest process never initialises Ray: the search runs in a CLI child process with the cluster's token.
@@ -22,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from distil_core.errors import UserInputError
-from search.run import SearchOptions, resolve_experiment, run_search, storage_path, trial_rows
+from search.run import SearchOptions, resolve_experiment, run_search, trial_rows
+from search.storage import parse_storage
 from test_search import write_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,19 +46,39 @@ DONE = ("TERMINATED", "PRUNED")
 
 # ------------------------------------------------------------------------------------ --storage (fast)
 def test_storage_accepts_paths_and_file_uris(tmp_path):
-    assert storage_path(str(tmp_path)) == tmp_path.resolve()
-    assert storage_path(f"file://{tmp_path}/a%20b") == tmp_path.resolve() / "a b"
-    assert storage_path(f"file://localhost{tmp_path}") == tmp_path.resolve()
+    assert parse_storage(str(tmp_path)).local == tmp_path.resolve()
+    assert parse_storage(f"file://{tmp_path}/a%20b").local == tmp_path.resolve() / "a b"
+    assert parse_storage(f"file://localhost{tmp_path}").local == tmp_path.resolve()
     exp = tmp_path / "exp" / "x"
     exp.mkdir(parents=True)
     (exp / "distil_search.json").write_text("{}")
-    assert resolve_experiment("x", f"file://{tmp_path}/exp") == exp.resolve()
+    found = resolve_experiment("x", f"file://{tmp_path}/exp")
+    assert found.local == exp.resolve() and not found.remote and found.tune_path == str(exp.resolve())
+    assert resolve_experiment(f"file://{exp}").local == exp.resolve()  # an experiment URI
 
 
-@pytest.mark.parametrize("uri", ["s3://bucket/experiments", "gs://bucket/x", "file://otherhost/x"])
-def test_storage_uri_other_than_file_is_one_clear_error(tmp_path, uri):
+@pytest.mark.parametrize("uri, scheme, path", [
+    ("s3://bucket/experiments?region=us-west-2", "s3", "bucket/experiments"),
+    ("s3://bucket/exps/?endpoint_override=127.0.0.1:9000&scheme=http", "s3", "bucket/exps"),
+    ("gs://bucket/x", "gs", "bucket/x"),
+])
+def test_storage_takes_object_storage_uris(tmp_path, monkeypatch, uri, scheme, path):
+    """Parsed without a request (check=False): Tune gets BUCKET/PATH and the filesystem, distil-search's own
+    files a local folder under the user's cache folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    storage = parse_storage(uri, check=False)
+    assert storage.remote and storage.local is None and storage.path == path and str(storage) == uri
+    exp = storage.experiment("e")
+    assert exp.tune_path == f"{path}/e" and exp.uri == f"{scheme}://{path}/e"
+    assert exp.local.is_relative_to(tmp_path / "distil-search" / "experiments") and exp.local.name == "e"
+    assert exp.artifact_store().root == f"{path}/e/artifacts"
+    assert not list(tmp_path.iterdir())  # nothing written by parsing
+
+
+@pytest.mark.parametrize("uri", ["http://host/experiments", "ftp://host/x", "file://otherhost/x"])
+def test_storage_neither_folder_nor_object_storage_is_one_clear_error(tmp_path, uri):
     # refused before the (long) preparation: the space file does not even exist
-    with pytest.raises(UserInputError, match=r"--storage .*shared file system path") as e:
+    with pytest.raises(UserInputError, match=r"^--storage .*expected a folder .*s3://BUCKET/PATH or gs://BUCKET/PATH") as e:
         run_search(SearchOptions(space=str(tmp_path / "no-such-space.yaml"), storage=uri, live=False))
     assert uri in str(e.value)
     with pytest.raises(UserInputError, match="--storage"):
