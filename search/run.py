@@ -279,8 +279,12 @@ def save_study(exp: Experiment) -> optuna.Study | None:
 def trial_rows(exp: Path) -> list[dict[str, Any]]:
     """One row per trial from Tune's state in an experiment's (local) folder: status (PRUNED for
     ASHA-stopped), overrides, last/best main."""
+    import logging
+
     from ray.tune import ExperimentAnalysis
 
+    # trials that have not reported yet (pending) are expected here, not worth Ray's warning per trial
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     analysis = ExperimentAnalysis(str(exp))
     rows = []
     # experiment_tag starts with the trial's creation index: the DistilBERT defaults trial is index 1
