@@ -370,26 +370,7 @@ def _stop_cluster(cluster: LocalCluster, keep_dir: bool = False, grace_s: float 
         _reap(cluster)
         time.sleep(0.2)
     leftovers = {p: t for p, t in targets.items() if _alive(p, t)}
-    for node in cluster.nodes:
-        if node.pid in leftovers:
-            try:
-                os.killpg(node.pid, signal.SIGKILL)  # the group the recorded leader created
-            except (ProcessLookupError, PermissionError):
-                pass
-    for pid, t in leftovers.items():
-        if _alive(pid, t):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(_alive(p, t) for p, t in targets.items()):
-        _reap(cluster)
-        time.sleep(0.1)
-    _reap(cluster)
-    still = sorted(p for p, t in targets.items() if _alive(p, t))
-    if still:
-        raise ClusterError(f"processes still running after SIGKILL: {still}")
+    _sigkill(cluster, [n.pid for n in cluster.nodes if n.pid in leftovers], leftovers, 5.0, "processes")
     if not keep_dir:
         shutil.rmtree(cluster.root, ignore_errors=True)
     return sorted(targets)
@@ -403,10 +384,18 @@ def _kill_node(cluster: LocalCluster, node: Node, timeout: float = 10.0) -> list
     if not _is_our_node(node):
         return []
     targets = _group_and_descendants(node.pid)  # collected first: killed children are re-parented to init
-    try:
-        os.killpg(node.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    _sigkill(cluster, [node.pid], targets, timeout, f"processes of the {node.role} node")
+    return sorted(targets)
+
+
+def _sigkill(cluster: LocalCluster, leaders: list[int], targets: dict[int, int], timeout: float, what: str) -> None:
+    """SIGKILL the process groups the recorded leaders created, then any target still alive (pid -> start
+    time, so a reused pid is never signalled); wait for them all, or raise naming them."""
+    for leader in leaders:
+        try:
+            os.killpg(leader, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     for pid, t in targets.items():
         if _alive(pid, t):
             try:
@@ -420,8 +409,7 @@ def _kill_node(cluster: LocalCluster, node: Node, timeout: float = 10.0) -> list
     _reap(cluster)
     still = sorted(p for p, t in targets.items() if _alive(p, t))
     if still:
-        raise ClusterError(f"processes of the {node.role} node still running after SIGKILL: {still}")
-    return sorted(targets)
+        raise ClusterError(f"{what} still running after SIGKILL: {still}")
 
 
 def kill_node(root: str | Path | None = None, role: str = "worker") -> list[int]:

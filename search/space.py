@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import yaml
 
-from distil_core.config import Config, StudentConfig, apply_overrides, config_from_dict
+from distil_core.config import Config, LossConfig, StudentConfig, apply_overrides, config_from_dict
 from distil_core.errors import UserInputError
 
 TOP_KEYS = ("description", "base", "base_config", "search", "normalize_alphas", "tune")
@@ -57,9 +57,8 @@ HIDDEN, LAYERS, FFN, HEADS, INIT = ("student.hidden_size", "student.num_layers",
                                     "student.num_heads", "student.init")
 STUDENT_KEYS = (HIDDEN, LAYERS, FFN, HEADS, INIT)
 INIT_TAGS = {"teacher-layers": "layers", "teacher-slice": "slice", "random": "random"}
-# DistilBERT's loss settings (Sanh et al., 2019), the first point of every search.
-DISTILBERT_LOSS = {"loss.temperature": 2.0, "loss.alpha_kd": 5.0, "loss.alpha_hard": 2.0,
-                   "loss.alpha_cos": 1.0, "loss.alpha_mse": 0.0}
+# DistilBERT's loss settings (Sanh et al., 2019; LossConfig's defaults), the first point of every search.
+DISTILBERT_LOSS = {f"loss.{f.name}": f.default for f in dataclasses.fields(LossConfig)}
 
 
 @dataclass
