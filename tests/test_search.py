@@ -122,6 +122,19 @@ def test_pareto_confirm_and_warm_start(tmp_path):
         assert len(c["values"]) == 2 and c["mean"] == pytest.approx(sum(c["values"]) / 2)
     assert [c["mean"] for c in confirm] == sorted((c["mean"] for c in confirm), reverse=True)
     assert json.loads((Path(first["experiment"]) / "confirm.json").read_text()) == confirm
+    # a confirmation run again (as `resume` does after an interruption) restores its Tuner: nothing re-runs
+    import ray
+
+    from search.run import confirm_top_k, load_meta
+    from search.storage import find_experiment
+    exp = Path(first["experiment"])
+    trials_before = sorted(p.name for p in (exp / "confirm").glob("distil_trainable_*"))
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        again = confirm_top_k(find_experiment(str(exp)), load_meta(exp), 1, 2, [])
+    finally:
+        ray.shutdown()
+    assert again == confirm and sorted(p.name for p in (exp / "confirm").glob("distil_trainable_*")) == trials_before
     # warm start: a new search enqueues the earlier experiment's best configurations after the defaults
     study = optuna.load_study(study_name="optuna", storage=f"sqlite:///{Path(first['experiment']) / 'optuna.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
