@@ -40,7 +40,7 @@ from distil_core.teacher import resolve_teacher
 from . import SearchInterrupted
 from .artifacts import ArtifactStore, upload
 from .space import SearchSpace, base_config, compile_space, defaults_point, load_space, searched_keys
-from .storage import META, Experiment, default_storage, find_experiment, parse_storage  # noqa: F401 (default_storage: was here)
+from .storage import META, Experiment, find_experiment, parse_storage
 from .tensorboard import write_experiment_config
 from .trainable import MAIN, distil_trainable
 
