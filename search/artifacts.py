@@ -105,3 +105,13 @@ def fetch(store: ArtifactStore, name: str, cache: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def prepared_for(cfg, artifacts: dict[str, Any] | None, store: ArtifactStore | None):
+    """What a run of cfg trains on: the search's prepared artifacts (localized) when cfg's data and teacher
+    settings are the ones they were prepared for, else a fresh preparation (cache hits where they match)."""
+    from distil_core.recipe import load_prepared, prepare, preparation_key
+
+    if artifacts is not None and artifacts["key"] == preparation_key(cfg):
+        return load_prepared(cfg, localize(artifacts, store))
+    return prepare(cfg, progress=False)

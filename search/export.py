@@ -24,10 +24,10 @@ from safetensors.torch import load_model
 
 from distil_core.config import Config, OptimConfig, save_config
 from distil_core.errors import UserInputError
-from distil_core.recipe import build_run_student, load_prepared, prepare, preparation_key, task_evaluator
+from distil_core.recipe import build_run_student, task_evaluator
 from distil_core.student import describe_student
 
-from .artifacts import localize
+from .artifacts import prepared_for
 from .run import load_meta, resolve_experiment, trial_rows
 from .trainable import trial_config
 
@@ -99,10 +99,7 @@ def export(ref: str, out: str | Path, storage: str | None = None, trial_id: str 
     cfg = trial_config(meta["base"], {"overrides": row["overrides"], **({"seed": row["seed"]} if row["seed"] is not None else {})},
                        out / "trial-run")
     artifacts = meta.get("artifacts")
-    if artifacts and artifacts["key"] == preparation_key(cfg):
-        prep = load_prepared(cfg, localize(artifacts, located.artifact_store()))
-    else:
-        prep = prepare(cfg, progress=False)
+    prep = prepared_for(cfg, artifacts, located.artifact_store())
     student, _ = build_run_student(prep)
     load_model(student, str(ckpt / "model.safetensors"), device=str(prep.device))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,11 +20,11 @@ import torch
 from ray import tune
 
 from distil_core.config import Config, apply_overrides, config_from_dict
-from distil_core.recipe import build_run_student, distill, load_prepared, prepare, preparation_key
+from distil_core.recipe import build_run_student, distill
 from distil_core.student import measure_latency_ms
 from distil_core.trainer import EvalEvent
 
-from .artifacts import ArtifactStore, localize
+from .artifacts import ArtifactStore, prepared_for
 from .tensorboard import TRAINER_RUN, write_trial_session
 
 MAIN = "main"  # every trial reports its task's main dev metric under this name too
@@ -75,10 +75,7 @@ def distil_trainable(config: dict[str, Any], base: dict[str, Any], artifacts: di
     prep = student = None
     scratch = Path(tempfile.mkdtemp(prefix="distil-ckpt-"))  # outside the synced trial folder
     try:
-        # The search prepared data, teacher and teacher outputs once: load them by path when this trial's
-        # data and teacher settings are the base's, else prepare (cache hits where they match).
-        usable = artifacts is not None and artifacts["key"] == preparation_key(cfg)
-        prep = load_prepared(cfg, localize(artifacts, store)) if usable else prepare(cfg, progress=False)
+        prep = prepared_for(cfg, artifacts, store)
         student, _ = build_run_student(prep)
         # Student and teacher timed side by side in this trial's process: same threads, same neighbours.
         latency = measure_latency_ms(student, cfg.data.max_length, repeats=10, device=prep.device)
