@@ -5,12 +5,16 @@ search twice against it with `--address`, on one pinned configuration (the space
 searched value, no DistilBERT-defaults point, FIFO) so every trial trains the same student:
 
   1. one trial alone (--num-samples 1 --max-concurrent 1),
-  2. N trials at once (--num-samples N --max-concurrent N), one per free slot of the two nodes.
+  2. N trials at once (--num-samples N --max-concurrent N), one per free slot of the two nodes,
+
+alternating for --rounds rounds on the same cluster (a single pair is within this machine's noise).
 
 A trial's throughput is examples_seen / train_seconds of its last report (optimizer steps only: no start-up,
 evaluations or checkpoints). Prints each trial (node, examples/s, run window), whether the N trials really
-overlapped, and the ratio mean(throughput of the N) / throughput alone. Target >= 0.9: trials on separate
-nodes (or separate cores) do not slow each other down. Run it on an otherwise idle machine.
+overlapped, each round's ratio mean(throughput of the N) / throughput alone and their median. Target >= 0.9:
+trials on separate nodes (or separate cores) do not slow each other down. It also prints where the CPU went
+while the N trials ran (trial processes, Ray's own processes, the driver), since on one small machine Ray's
+daemons share the cores the trials use. Run it on an otherwise idle machine.
 
     GLUE_DIR=../shared/data/glue python bench/cluster_throughput.py quickstart    # real data (minutes)
     python bench/cluster_throughput.py --tiny                                    # tiny fixture, a smoke run
@@ -21,11 +25,14 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -64,6 +71,32 @@ def tiny_space(work: Path, steps: int) -> Path:
     return write_space(work, optim={"lr": 3e-3, "batch_size": 16, "max_steps": steps, "eval_every": steps // 2})
 
 
+def cluster_cpu(cluster) -> Counter:
+    """CPU seconds (user + system) so far of Ray's own daemons on the cluster's nodes, by process name. Worker
+    processes (where trials train) are left out: they end with their trial, taking their counts along."""
+    import psutil
+
+    lc = _local_cluster()
+    seconds: Counter = Counter()
+    for node in cluster.nodes:
+        for pid in lc._group_and_descendants(node.pid):
+            try:
+                proc = psutil.Process(pid)
+                name = proc.name()
+                if name.startswith("ray::") or "default_worker" in " ".join(proc.cmdline()[:3]):
+                    continue
+                times = proc.cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            seconds[name] += times.user + times.system
+    return seconds
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(cluster, args, space: Path, storage: Path, name: str, n: int) -> list[dict]:
     from search.run import trial_rows
 
@@ -77,12 +110,16 @@ def run(cluster, args, space: Path, storage: Path, name: str, n: int) -> list[di
     for flag, value in (("--data-dir", args.data_dir), ("--cache-dir", args.cache_dir)):
         if value:
             cmd += [flag, value]
-    t0 = time.perf_counter()
+    t0, cpu0, driver0 = time.perf_counter(), cluster_cpu(cluster), children_cpu()
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+    wall, cpu1, driver = time.perf_counter() - t0, cluster_cpu(cluster), children_cpu() - driver0
     if res.returncode != 0:
         sys.exit(f"{name}: distil-search run failed (exit {res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
     rows = trial_rows(storage / name)
-    print(f"{name}: {len(rows)} trial(s) in {time.perf_counter() - t0:.0f}s")
+    used = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}  # processes that ended in between are not counted
+    used["driver (distil-search run)"] = driver
+    busy = ", ".join(f"{k} {v / wall:.2f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v / wall >= 0.005)
+    print(f"{name}: {len(rows)} trial(s) in {wall:.0f}s; CPU used, in cores: {busy}")
     return rows
 
 
@@ -97,6 +134,7 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="a tiny random BERT and GLUE-like fixture (smoke run)")
     p.add_argument("--tiny-steps", type=int, default=1000, help="steps per trial with --tiny (default 1000)")
     p.add_argument("--concurrent", type=int, default=2, help="trials at once (default 2)")
+    p.add_argument("--rounds", type=int, default=2, help="alone / at-once pairs to run (default 2)")
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--head-cpus", type=int, default=1, help="CPUs the head offers to trials (default 1)")
     p.add_argument("--worker-cpus", type=int, default=1, help="CPUs of the worker node (default 1)")
@@ -123,9 +161,11 @@ def main() -> int:
     cluster = lc.start(cluster_dir, head_cpus=args.head_cpus, worker_cpus=args.worker_cpus, dashboard=False,
                        timeout=150)
     try:
-        stamp = time.strftime("%H%M%S")
-        alone = run(cluster, args, space, storage, f"alone-{stamp}", 1)
-        together = run(cluster, args, space, storage, f"concurrent-{stamp}", args.concurrent)
+        rounds = []
+        for i in range(args.rounds):
+            stamp = time.strftime("%H%M%S")
+            rounds.append((run(cluster, args, space, storage, f"alone-{stamp}", 1),
+                           run(cluster, args, space, storage, f"concurrent-{stamp}", args.concurrent)))
         nodes = {n["node_id"]: ("worker" if n["resources"].get(lc.WORKER_RESOURCE) else "head")
                  for n in lc.wait_for_nodes(cluster, 2)}
     finally:
@@ -138,27 +178,31 @@ def main() -> int:
               f"{last['examples_seen']:>7} examples in {last['train_seconds']:6.2f}s train "
               f"({r['trial_seconds']:6.1f}s trial): {throughput(r):8.1f} examples/s")
 
-    for r in alone:
-        show("alone", r)
-    for r in together:
-        show("concurrent", r)
-    windows = [(r["last_result"]["started_at"], r["last_result"]["started_at"] + r["trial_seconds"]) for r in together]
-    overlap = min(b for _, b in windows) - max(a for a, _ in windows)
-    base = throughput(alone[0])
-    mean = sum(throughput(r) for r in together) / len(together)
-    ratio = mean / base
-    result = {"alone_examples_per_s": base, "concurrent_examples_per_s": [throughput(r) for r in together],
-              "concurrent": len(together), "all_overlapped_s": max(0.0, overlap), "ratio": ratio,
-              "nodes": sorted(nodes.get(r["last_result"].get("node_id"), "?") for r in together)}
-    (work / "cluster_throughput.json").write_text(json.dumps(result, indent=2))
-    shortest = min(b - a for a, b in windows)
-    print(f"the {len(together)} trials ran side by side for {max(0.0, overlap):.1f}s of the shortest one's "
-          f"{shortest:.1f}s (on {', '.join(result['nodes'])})")
-    if overlap < 0.5 * shortest:
-        print("warning: the trials overlapped for less than half their run: the ratio hardly measures contention; "
-              "make trials longer (more steps; --tiny-steps)")
-    print(f"per-trial throughput, {len(together)} at once / alone: {mean:.1f} / {base:.1f} = {ratio:.2f} "
-          f"(target >= 0.9) {'OK' if ratio >= 0.9 else 'BELOW TARGET'}")
+    results, warn = [], False
+    for i, (alone, together) in enumerate(rounds, 1):
+        print(f"round {i}:")
+        for r in alone:
+            show("alone", r)
+        for r in together:
+            show("concurrent", r)
+        windows = [(r["last_result"]["started_at"], r["last_result"]["started_at"] + r["trial_seconds"])
+                   for r in together]
+        overlap = min(b for _, b in windows) - max(a for a, _ in windows)
+        warn |= overlap < 0.5 * min(b - a for a, b in windows)
+        base = throughput(alone[0])
+        mean = sum(throughput(r) for r in together) / len(together)
+        results.append({"alone_examples_per_s": base, "concurrent_examples_per_s": [throughput(r) for r in together],
+                        "all_overlapped_s": max(0.0, overlap), "ratio": mean / base,
+                        "nodes": sorted(nodes.get(r["last_result"].get("node_id"), "?") for r in together)})
+        print(f"  ratio {mean:.1f} / {base:.1f} = {mean / base:.2f}; side by side for {max(0.0, overlap):.1f}s "
+              f"(on {', '.join(results[-1]['nodes'])})")
+    if warn:
+        print("warning: in some round the trials overlapped for less than half their run: the ratio hardly "
+              "measures contention; make trials longer (more steps; --tiny-steps)")
+    ratio = statistics.median(r["ratio"] for r in results)
+    (work / "cluster_throughput.json").write_text(json.dumps({"rounds": results, "median_ratio": ratio}, indent=2))
+    print(f"per-trial throughput, {args.concurrent} at once / alone, median of {len(results)} round(s): "
+          f"{ratio:.2f} (target >= 0.9) {'OK' if ratio >= 0.9 else 'BELOW TARGET'}")
     print(f"results: {work}")
     return 0
 
