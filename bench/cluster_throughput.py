@@ -152,9 +152,9 @@ def main() -> int:
     if args.tiny:
         source = tiny_space(work, args.tiny_steps)
     else:
-        from search.cli import _space_path
+        from search.space import space_file
 
-        source = Path(_space_path(args.space))
+        source = space_file(args.space)
     space = pinned_space(source, work / "pinned.yaml")
     cluster_dir = args.dir or tempfile.mkdtemp(prefix="dsc-", dir="/tmp")
     storage = work / "exp"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from ray.tune import ExperimentAnalysis
 
-from search.cli import _space_path
 from search.run import SearchOptions, resume_search, run_search
+from search.space import space_file
 
 SEARCHES = (("random+FIFO", "random", "fifo"), ("TPE+ASHA", "tpe", "asha"))
 
@@ -53,7 +53,7 @@ def one_search(args, label: str, sampler: str, scheduler: str, seed: int) -> dic
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
     finished = summary and not (summary["counts"]["RUNNING"] or summary["counts"]["PENDING"])
     if not (exp / "distil_search.json").is_file():
-        summary = run_search(SearchOptions(space=_space_path(args.space), name=name, storage=args.storage,
+        summary = run_search(SearchOptions(space=str(space_file(args.space)), name=name, storage=args.storage,
                                            num_samples=args.num_samples, sampler=sampler, scheduler=scheduler,
                                            seed=seed, live=False, defaults_first=not args.no_defaults_first))
     elif not finished:

@@ -76,8 +76,9 @@ def _run(args: argparse.Namespace) -> int:
     from distil_core.config import parse_override
 
     from .run import SearchOptions, run_search
+    from .space import space_file
 
-    opts = SearchOptions(space=_space_path(args.space), name=args.name, storage=args.storage, address=args.address,
+    opts = SearchOptions(space=str(space_file(args.space)), name=args.name, storage=args.storage, address=args.address,
                          task=args.task, data_dir=args.data_dir, teacher=args.teacher, cache_dir=args.cache_dir,
                          num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                          cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
@@ -88,14 +89,6 @@ def _run(args: argparse.Namespace) -> int:
                          live=not args.no_progress, overrides=dict(parse_override(o) for o in args.set))
     _print_summary(run_search(opts))
     return 0
-
-
-def _space_path(ref: str) -> str:
-    """A space file, or the name of a preset in spaces/."""
-    from pathlib import Path
-
-    preset = Path(__file__).resolve().parents[1] / "spaces" / f"{ref}.yaml"
-    return str(preset) if not Path(ref).exists() and preset.is_file() else ref
 
 
 def _resume(args: argparse.Namespace) -> int:

@@ -315,10 +315,36 @@ def space_from_dict(raw: Any, path: str | Path | None = None) -> SearchSpace:
                        yaml.safe_load(yaml.safe_dump(raw)))
 
 
+def presets() -> dict[str, Path]:
+    """{name: file} of the preset spaces: spaces/ beside the package in a source tree or editable install,
+    else the copy a wheel ships as search/spaces (pyproject maps one onto the other)."""
+    from importlib.resources import files
+
+    folder = Path(__file__).resolve().parents[1] / "spaces"
+    if (folder.parent / "pyproject.toml").is_file() and folder.is_dir():  # the repo, not site-packages
+        found = list(folder.glob("*.yaml"))
+    else:
+        try:
+            found = [Path(str(f)) for f in files("search.spaces").iterdir() if f.name.endswith(".yaml")]
+        except ModuleNotFoundError:
+            found = []
+    return {p.stem: p for p in sorted(found)}
+
+
+def space_file(ref: str | Path) -> Path:
+    """REF as a space file: an existing path, or the name of a preset (quickstart, sst2, ...)."""
+    path = Path(ref)
+    if path.exists():
+        return path
+    found = presets().get(str(ref))
+    return found if found is not None else path
+
+
 def load_space(path: str | Path) -> SearchSpace:
     path = Path(path)
     if not path.is_file():
-        raise UserInputError(f"space file {path}: not found")
+        names = ", ".join(presets()) or "none installed"
+        raise UserInputError(f"space file {path}: not found (a path to a YAML file, or a preset: {names})")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import pickle
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from distil_core.config import apply_overrides, config_from_dict
 from distil_core.errors import UserInputError
 from distil_core.student import StudentSpec, student_config
 from search.space import (base_config, compile_space, defaults_point, load_space, searched_keys,
-                          space_from_dict)
+                          space_file, space_from_dict)
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # TPE group=True
@@ -249,8 +252,11 @@ def test_malformed_space_file(tmp_path, raw, key):
 
 
 def test_missing_and_invalid_yaml(tmp_path):
-    with pytest.raises(UserInputError, match="not found"):
+    with pytest.raises(UserInputError, match="not found") as e:
         load_space(tmp_path / "missing.yaml")
+    assert "quickstart" in str(e.value)  # the message lists the presets
+    with pytest.raises(UserInputError, match="nosuchpreset: not found"):
+        load_space(space_file("nosuchpreset"))
     path = tmp_path / "broken.yaml"
     path.write_text("search: [unclosed\n")
     with pytest.raises(UserInputError, match="not valid YAML") as e:
@@ -272,3 +278,37 @@ def test_compile_errors_name_the_keys(tmp_path, search, base, key):
     with pytest.raises(UserInputError) as e:
         compile_space(space, TINY)
     assert str(path) in str(e.value) and key in str(e.value)
+
+
+def test_space_file_finds_presets_and_paths(tmp_path, monkeypatch):
+    assert space_file("quickstart") == SPACES / "quickstart.yaml"
+    mine = tmp_path / "quickstart"  # an existing path wins over the preset of the same name
+    mine.write_text("x")
+    monkeypatch.chdir(tmp_path)
+    assert space_file("quickstart") == Path("quickstart")
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_presets(tmp_path):
+    """A non-editable install has no spaces/ folder beside it: the wheel carries the presets as
+    search/spaces, and preset names resolve from there."""
+    root = SPACES.parent
+    src = tmp_path / "src"
+    src.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("pyproject.toml", "README.md", "distil_core", "search", "spaces"):
+        if (root / name).is_dir():
+            shutil.copytree(root / name, src / name, ignore=ignore)
+        else:
+            shutil.copy(root / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                    *map(str, (tmp_path / "dist").glob("*.whl"))], check=True, capture_output=True)
+    shipped = sorted(p.name for p in (target / "search" / "spaces").glob("*.yaml"))
+    assert shipped == sorted(f"{n}.yaml" for n in PRESETS)
+    code = "from search.space import space_file, load_space; p = space_file('glue-small'); load_space(p); print(p)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert Path(out.stdout.strip()) == target / "search" / "spaces" / "glue-small.yaml"
