@@ -53,7 +53,7 @@ class Prepared:
     train: Any  # tokenized datasets.Dataset
     dev: dict[str, Any]  # split name -> tokenized dataset
     collate: Callable
-    signal: Any  # CachedTeacherOutputs or LiveTeacher
+    signal: Any  # CachedTeacherOutputs or LiveTeacher; None when loaded for evaluation only
     device: torch.device
     timings: dict[str, float] = field(default_factory=dict)
     teacher_path: str = ""  # the folder (or hub id) the teacher loads from, fine-tuned head included
@@ -95,7 +95,8 @@ def preparation_key(cfg: Config) -> dict[str, Any]:
 
 
 def load_prepared(cfg: Config, artifacts: dict[str, Any], device: torch.device | None = None) -> Prepared:
-    """Prepared from the paths of `Prepared.artifacts()`: memory-mapped datasets and outputs, no re-reading."""
+    """Prepared from the paths of `Prepared.artifacts()`: memory-mapped datasets and outputs, no re-reading.
+    An "outputs" of None (a run that only evaluates, e.g. an export) leaves `signal` None."""
     device = device or pick_device()
     if artifacts["key"] != preparation_key(cfg) or (cfg.loss.alpha_cos > 0 and not artifacts["hidden"]):
         raise ValueError("these artifacts were prepared for another data/teacher config")
@@ -105,7 +106,8 @@ def load_prepared(cfg: Config, artifacts: dict[str, Any], device: torch.device |
     tokenizer = load_tokenizer(artifacts["teacher"])
     return Prepared(cfg, task, tokenizer, teacher.to(device).eval(), artifacts["teacher_identity"],
                     artifacts["teacher_metrics"], Dataset.from_file(artifacts["train"]), dev,
-                    data_mod.task_collator(tokenizer), CachedTeacherOutputs(Path(artifacts["outputs"])), device,
+                    data_mod.task_collator(tokenizer),
+                    CachedTeacherOutputs(Path(artifacts["outputs"])) if artifacts["outputs"] else None, device,
                     teacher_path=artifacts["teacher"])
 
 

@@ -62,8 +62,11 @@ def upload(artifacts: dict[str, Any], store: ArtifactStore) -> dict[str, Any]:
     return {**artifacts, "remote": names}
 
 
-def localize(artifacts: dict[str, Any], store: ArtifactStore | None, cache: Path | None = None) -> dict[str, Any]:
-    """`artifacts` with every path this node lacks replaced by its node-cache copy (downloaded once)."""
+def localize(artifacts: dict[str, Any], store: ArtifactStore | None, cache: Path | None = None,
+             training: bool = True) -> dict[str, Any]:
+    """`artifacts` with every path this node lacks replaced by its node-cache copy (downloaded once).
+    training=False: the teacher's outputs on the train set (the largest artifact) are not fetched; their
+    path becomes None where this node lacks them."""
     names = artifacts.get("remote")
     if not names or store is None:
         return artifacts
@@ -75,7 +78,10 @@ def localize(artifacts: dict[str, Any], store: ArtifactStore | None, cache: Path
     out = copy.deepcopy(artifacts)
     out["train"] = here(out["train"], names["train"])
     out["dev"] = {split: here(path, names["dev"].get(split)) for split, path in out["dev"].items()}
-    out["outputs"] = here(out["outputs"], names["outputs"])
+    if training or Path(out["outputs"]).exists():
+        out["outputs"] = here(out["outputs"], names["outputs"])
+    else:
+        out["outputs"] = None
     out["teacher"] = here(out["teacher"], names.get("teacher"))
     return out
 
@@ -107,11 +113,12 @@ def fetch(store: ArtifactStore, name: str, cache: Path) -> Path:
     return dest
 
 
-def prepared_for(cfg, artifacts: dict[str, Any] | None, store: ArtifactStore | None):
+def prepared_for(cfg, artifacts: dict[str, Any] | None, store: ArtifactStore | None, training: bool = True):
     """What a run of cfg trains on: the search's prepared artifacts (localized) when cfg's data and teacher
-    settings are the ones they were prepared for, else a fresh preparation (cache hits where they match)."""
+    settings are the ones they were prepared for, else a fresh preparation (cache hits where they match).
+    training=False (evaluation only): see `localize`."""
     from distil_core.recipe import load_prepared, prepare, preparation_key
 
     if artifacts is not None and artifacts["key"] == preparation_key(cfg):
-        return load_prepared(cfg, localize(artifacts, store))
+        return load_prepared(cfg, localize(artifacts, store, training=training))
     return prepare(cfg, progress=False)

@@ -99,7 +99,7 @@ def export(ref: str, out: str | Path, storage: str | None = None, trial_id: str 
     cfg = trial_config(meta["base"], {"overrides": row["overrides"], **({"seed": row["seed"]} if row["seed"] is not None else {})},
                        out / "trial-run")
     artifacts = meta.get("artifacts")
-    prep = prepared_for(cfg, artifacts, located.artifact_store())
+    prep = prepared_for(cfg, artifacts, located.artifact_store(), training=False)  # evaluates only
     student, _ = build_run_student(prep)
     load_model(student, str(ckpt / "model.safetensors"), device=str(prep.device))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -218,6 +218,9 @@ def test_status_and_export_read_the_bucket_from_another_machine(s3, uri_search, 
     assert summary["trial_id"] == best["trial_id"] and summary["experiment"] == "s3://distil/exps/tiny"
     assert summary["checkpoint"].startswith(f"s3://distil/exps/tiny/{Path(best['path']).name}/checkpoint_")
     assert len(list(mirror.rglob("checkpoint_*"))) == 1  # only the exported trial's last checkpoint
+    fetched = reader / "distil-search" / "artifacts"
+    assert list(fetched.glob("tokenized/*")) and list(fetched.glob("teachers/*"))
+    assert not list(fetched.glob("teacher_outputs/*"))  # export evaluates: no teacher outputs downloaded
     model = AutoModelForSequenceClassification.from_pretrained(out / "student").eval()
     tok = AutoTokenizer.from_pretrained(out / "student")
     lines = (uri_search.tmp / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:]
