@@ -23,7 +23,7 @@ from .config import Config, LossConfig, OptimConfig, save_config
 from .errors import UserInputError
 from .losses import make_projection
 from .student import StudentSpec, build_student, describe_student
-from .tasks import Task, compute_metrics, get_task
+from .tasks import Task, compute_metrics, get_task, prediction_loss
 from .teacher import (
     CachedTeacherOutputs,
     LiveTeacher,
@@ -112,12 +112,14 @@ def load_prepared(cfg: Config, artifacts: dict[str, Any], device: torch.device |
 
 
 def task_evaluator(task: Task, dev: dict[str, Any], collate: Callable, batch_size: int, device) -> Callable:
-    """model -> dev metrics; the first dev split's keys are plain, others are prefixed (MNLI mismatched)."""
+    """model -> dev metrics and loss; the first dev split's keys are plain, others are prefixed (MNLI
+    mismatched)."""
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         out: dict[str, float] = {}
         for i, (split, ds) in enumerate(dev.items()):
-            metrics = compute_metrics(task, *predict(model, ds, collate, batch_size, device))
+            logits, labels = predict(model, ds, collate, batch_size, device)
+            metrics = {**compute_metrics(task, logits, labels), "loss": prediction_loss(task, logits, labels)}
             out.update(metrics if i == 0 else {f"{split}_{k}": v for k, v in metrics.items()})
         return out
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from scipy.special import softmax
+from sklearn.metrics import accuracy_score, f1_score, log_loss, matthews_corrcoef, mean_squared_error
 
 from distil_core.errors import UserInputError
 
@@ -96,3 +97,13 @@ def compute_metrics(task: str | Task, predictions, labels) -> dict[str, float]:
     if task.name in ("mrpc", "qqp"):
         out["f1"] = float(f1_score(labels, preds))
     return out
+
+
+def prediction_loss(task: str | Task, logits, labels) -> float:
+    """The dev loss matching the task's head: cross-entropy of the logits, or MSE for regression."""
+    task = get_task(task)
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels).reshape(-1)
+    if task.is_regression:
+        return float(mean_squared_error(labels.astype(np.float64), logits.reshape(-1)))
+    return float(log_loss(labels, softmax(logits, axis=-1), labels=list(range(logits.shape[-1]))))

@@ -42,7 +42,7 @@ from .artifacts import ArtifactStore, upload
 from .space import SearchSpace, base_config, compile_space, defaults_point, load_space, searched_keys
 from .storage import META, Experiment, find_experiment, parse_storage
 from .tensorboard import write_experiment_config
-from .trainable import MAIN, distil_trainable
+from .trainable import MAIN, RUNG_SCORE, distil_trainable
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the live view reports trials instead
@@ -140,6 +140,16 @@ def warm_start_points(ref: str, storage: str | None, k: int = 3) -> list[dict[st
     return [dict(t.params) for t in done[:k]]
 
 
+def make_scheduler(meta: dict[str, Any]) -> ASHAScheduler | FIFOScheduler:
+    """ASHA over a trial's evaluations, ranking by RUNG_SCORE (the main metric, ties broken by dev loss);
+    FIFO (every trial runs to the end) for the baseline of bench/search_efficiency.py."""
+    t = meta["tune"]
+    if t.get("scheduler") == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", metric=RUNG_SCORE, mode="max", max_t=meta["max_evals"],
+                         grace_period=min(t["grace_period"], meta["max_evals"]), reduction_factor=t["reduction_factor"])
+
+
 def build_tuner(meta: dict[str, Any], space: SearchSpace, exp: Experiment, callbacks: list) -> tune.Tuner:
     from transformers import AutoConfig
 
@@ -159,13 +169,9 @@ def build_tuner(meta: dict[str, Any], space: SearchSpace, exp: Experiment, callb
     points = ([defaults_point(space, teacher_cfg, base)] if t.get("defaults_first", True) else []) + meta.get("warm_points", [])
     searcher = PrunedAwareOptunaSearch(space=compile_space(space, teacher_cfg, base), metric=metrics if multi else metrics[0],
                                        mode=modes if multi else modes[0], sampler=sampler, points_to_evaluate=points)
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric=MAIN, mode="max", max_t=meta["max_evals"],
-                              grace_period=min(t["grace_period"], meta["max_evals"]), reduction_factor=t["reduction_factor"])
-    if t.get("scheduler") == "fifo":
-        scheduler = FIFOScheduler()
     return tune.Tuner(
         make_trainable(meta, _store(exp, meta)),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t["num_samples"],
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(meta), num_samples=t["num_samples"],
                                     max_concurrent_trials=t["max_concurrent"]),
         run_config=run_config(meta, exp.name, _parent(exp.tune_path), callbacks, exp.fs),
     )

@@ -9,6 +9,7 @@ from the experiment's object storage (search/artifacts.py).
 from __future__ import annotations
 
 import gc
+import math
 import shutil
 import tempfile
 import time
@@ -28,6 +29,17 @@ from .artifacts import ArtifactStore, prepared_for
 from .tensorboard import TRAINER_RUN, write_trial_session
 
 MAIN = "main"  # every trial reports its task's main dev metric under this name too
+RUNG_SCORE = "rung_score"  # what ASHA ranks trials by: MAIN, ties broken by the dev loss
+
+
+def rung_score(main: float, dev_loss: float | None) -> float:
+    """MAIN with ties broken by the dev loss (lower is better). Accuracy and Matthews correlation tie
+    exactly whenever students still predict only the majority class, and on a tie ASHA's cutoff lets
+    every tied trial go on. The loss term stays below 1e-6, under any difference in MAIN that a dev set
+    of fewer than a million examples can show, so it only ever orders ties."""
+    if dev_loss is None or not math.isfinite(dev_loss) or dev_loss < 0:
+        return main
+    return main - 1e-6 * dev_loss / (1.0 + dev_loss)
 
 
 class TrialDiverged(RuntimeError):
@@ -55,6 +67,7 @@ class TuneReporter:
         metrics.update(
             {
                 MAIN: event.metrics[f"dev/{self.main_metric}"],
+                RUNG_SCORE: rung_score(event.metrics[f"dev/{self.main_metric}"], event.metrics.get("dev/loss")),
                 "step": event.step,
                 "total_steps": event.total_steps,
                 "is_final": event.step >= event.total_steps,

@@ -20,7 +20,7 @@ from distil_core import data
 from distil_core.data import (load_corpus, load_glue, mlm_collator, task_collator, tokenize_corpus, tokenize_task,
                               train_subset)
 from distil_core.errors import UserInputError
-from distil_core.tasks import TASKS, compute_metrics, get_task
+from distil_core.tasks import TASKS, compute_metrics, get_task, prediction_loss
 
 WORDS = "the a cat dog sat on mat is good bad movie he said hi she runs fast slow question answer why what".split()
 
@@ -155,6 +155,16 @@ def test_metrics_regression_squeezes():
     # x = 1 2 3, y = 1 3 2: pearson = 0.5, spearman = 0.5
     m = compute_metrics("stsb", torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([1.0, 3.0, 2.0]))
     assert m["pearson"] == pytest.approx(0.5) and m["spearman"] == pytest.approx(0.5)
+
+
+def test_prediction_loss_matches_torch():
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [0.5, 3.0]])
+    labels = [0, 0, 1]
+    expected = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(labels)).item()
+    assert prediction_loss("sst2", logits, labels) == pytest.approx(expected)
+    assert prediction_loss("mnli", np.eye(3), [0, 1, 1]) == pytest.approx(
+        torch.nn.functional.cross_entropy(torch.eye(3), torch.tensor([0, 1, 1])).item())
+    assert prediction_loss("stsb", np.array([[1.0], [2.0]]), [1.5, 2.0]) == pytest.approx(0.125)
 
 
 # --- load_glue: GLUE's original layout --------------------------------------------------------

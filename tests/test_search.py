@@ -9,7 +9,8 @@ import optuna
 import pytest
 import yaml
 
-from search.run import PrunedAwareOptunaSearch
+from search.run import PrunedAwareOptunaSearch, make_scheduler
+from search.trainable import MAIN, RUNG_SCORE, rung_score
 from tiny import write_corpus, write_sst2, write_tiny_teacher
 
 ROOT = Path(__file__).parents[1]
@@ -32,6 +33,35 @@ def test_stopped_trial_is_told_as_pruned_with_its_last_value():
     assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
     assert searcher._ot_study.trials[0].value == 0.6
     assert searcher._ot_study.trials[1].value == 0.9
+
+
+def test_asha_breaks_ties_at_the_majority_class_by_dev_loss():
+    """Students that still predict only the majority class tie exactly on accuracy (0.515 here); ASHA on
+    the plain metric lets every tied trial go on. Ranked by the rung score, the one with the higher dev
+    loss is stopped at the rung, and a real difference in accuracy still outranks any loss."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    meta = {"tune": {"grace_period": 1, "reduction_factor": 3}, "max_evals": 8}
+
+    def first_rung(scheduler, results):
+        actions = []
+        for tid, (main, loss) in results.items():
+            trial = SimpleNamespace(trial_id=tid)
+            scheduler.on_trial_add(None, trial)
+            actions.append(scheduler.on_trial_result(None, trial, {"training_iteration": 1, MAIN: main,
+                                                                     RUNG_SCORE: rung_score(main, loss)}))
+        return actions
+
+    tied = {"a": (0.515, 0.690), "b": (0.515, 0.702)}
+    plain = ASHAScheduler(time_attr="training_iteration", metric=MAIN, mode="max", max_t=8, grace_period=1,
+                          reduction_factor=3)
+    assert first_rung(plain, tied) == [TrialScheduler.CONTINUE, TrialScheduler.CONTINUE]
+    assert first_rung(make_scheduler(meta), tied) == [TrialScheduler.CONTINUE, TrialScheduler.STOP]
+    better = {"a": (0.515, 0.01), "b": (0.5175, 50.0)}  # one more example right beats any loss
+    assert first_rung(make_scheduler(meta), better) == [TrialScheduler.CONTINUE, TrialScheduler.CONTINUE]
+    assert rung_score(0.8, float("nan")) == 0.8 and rung_score(0.8, None) == 0.8
 
 
 def write_space(tmp_path: Path, num_samples: int = 4, max_steps: int = 6, **base_extra) -> Path:
