@@ -35,8 +35,9 @@ RUNG_SCORE = "rung_score"  # what ASHA ranks trials by: MAIN, ties broken by the
 def rung_score(main: float, dev_loss: float | None) -> float:
     """MAIN with ties broken by the dev loss (lower is better). Accuracy and Matthews correlation tie
     exactly whenever students still predict only the majority class, and on a tie ASHA's cutoff lets
-    every tied trial go on. The loss term stays below 1e-6, under any difference in MAIN that a dev set
-    of fewer than a million examples can show, so it only ever orders ties."""
+    every tied trial go on. The loss term stays below 1e-6, under any difference in accuracy that a dev
+    set of fewer than a million examples can show (and far under any meaningful one in MCC or Pearson),
+    so it orders ties only."""
     if dev_loss is None or not math.isfinite(dev_loss) or dev_loss < 0:
         return main
     return main - 1e-6 * dev_loss / (1.0 + dev_loss)
