@@ -65,10 +65,11 @@ class TuneReporter:
         metrics = {k.replace("/", "_"): v for k, v in event.metrics.items()}
         metrics.update({f"train_{k.replace('/', '_')}": v for k, v in event.train_logs.items()})
         metrics.update(self.static)
+        main = event.metrics[f"dev/{self.main_metric}"]
         metrics.update(
             {
-                MAIN: event.metrics[f"dev/{self.main_metric}"],
-                RUNG_SCORE: rung_score(event.metrics[f"dev/{self.main_metric}"], event.metrics.get("dev/loss")),
+                MAIN: main,
+                RUNG_SCORE: rung_score(main, event.metrics.get("dev/loss")),
                 "step": event.step,
                 "total_steps": event.total_steps,
                 "is_final": event.step >= event.total_steps,
