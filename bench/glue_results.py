@@ -61,7 +61,7 @@ def student_params(base: dict[str, Any], overrides: dict[str, Any], teacher_path
     cfg = config_from_dict(apply_overrides(base, overrides))
     s = cfg.student
     spec = StudentSpec(num_layers=s.num_layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
-                       ffn_ratio=s.ffn_ratio, init=s.init)
+                       ffn_ratio=s.ffn_ratio, init=s.init, layer_pick=s.layer_pick)
     config = student_config(AutoConfig.from_pretrained(teacher_path), spec)
     config.num_labels = get_task(cfg.data.task).num_labels
     return count_parameters(BertForSequenceClassification(config))

@@ -19,6 +19,7 @@ from .tasks import get_task
 
 OBJECTIVES = ("task", "mlm")
 INITS = ("teacher-layers", "teacher-slice", "random")
+LAYER_PICKS = ("spread", "bottom")  # which teacher layers a teacher init copies (distil_core.student)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class StudentConfig:
     num_heads: int | None = None  # None: keep the teacher's head size
     ffn_ratio: float | None = None  # None: the teacher's intermediate/hidden
     init: str = "teacher-layers"
+    layer_pick: str = "spread"  # spread: evenly, first and last included (DistilBERT); bottom: the first L
 
 
 @dataclass
@@ -153,6 +155,7 @@ def _validate(cfg: Config) -> None:
         _check(s.hidden_size % s.num_heads == 0, "student.num_heads", f"a divisor of student.hidden_size ({s.hidden_size})", s.num_heads)
     _check(s.ffn_ratio is None or s.ffn_ratio > 0, "student.ffn_ratio", "null or a number > 0", s.ffn_ratio)
     _check(s.init in INITS, "student.init", f"one of {list(INITS)}", s.init)
+    _check(s.layer_pick in LAYER_PICKS, "student.layer_pick", f"one of {list(LAYER_PICKS)}", s.layer_pick)
     lo = cfg.loss
     _check(lo.temperature > 0, "loss.temperature", "a number > 0", lo.temperature)
     alphas = {k: getattr(lo, k) for k in ("alpha_kd", "alpha_hard", "alpha_cos", "alpha_mse")}

@@ -270,7 +270,7 @@ def prepare(cfg: Config, progress: bool = True, device: torch.device | None = No
 def build_run_student(prep: Prepared) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     s = prep.cfg.student
     spec = StudentSpec(num_layers=s.num_layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
-                       ffn_ratio=s.ffn_ratio, init=s.init)
+                       ffn_ratio=s.ffn_ratio, init=s.init, layer_pick=s.layer_pick)
     try:
         student = build_student(prep.teacher, spec, num_labels=prep.task.num_labels, mlm=prep.cfg.objective == "mlm")
     except ValueError as e:

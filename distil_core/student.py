@@ -9,6 +9,11 @@ Weights come from the teacher in one of three ways (StudentSpec.init):
   Simple and deterministic, no importance scores. It only keeps whole heads because
   the student's head size must equal the teacher's.
 - "random": the model's own init from the student config.
+
+Which teacher layers (StudentSpec.layer_pick): "spread" takes L layers evenly spread over the teacher's,
+first and last included (DistilBERT: every other layer); "bottom" takes the teacher's first L layers, as
+truncating the model does (Sajjad et al., 2020, found dropping the top layers the best of their
+strategies for fine-tuned students).
 """
 
 from __future__ import annotations
@@ -19,19 +24,19 @@ from dataclasses import dataclass
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, PreTrainedModel
 
+from distil_core.config import INITS, LAYER_PICKS
 from distil_core.errors import UserInputError
-
-INITS = ("teacher-layers", "teacher-slice", "random")
 
 
 class StudentError(UserInputError, ValueError):
     """A bad student spec: a ValueError for callers, a UserInputError for the CLI."""
 
 
-def pick_layers(teacher_layers: int, student_layers: int) -> list[int]:
-    """Spread L student layers evenly over n teacher layers, first and last included.
+def pick_layers(teacher_layers: int, student_layers: int, how: str = "spread") -> list[int]:
+    """The teacher layers student layers 0..L-1 copy: "bottom" is the first L; "spread" spreads L
+    evenly over the n teacher layers, first and last included.
 
-    Rule: index i -> floor(i * (n - 1) / (L - 1) + 1/2), i.e. round half up, in integer
+    Spread rule: index i -> floor(i * (n - 1) / (L - 1) + 1/2), i.e. round half up, in integer
     arithmetic so there is no float or banker's-rounding surprise.
     12 -> 6 gives [0, 2, 4, 7, 9, 11] (DistilBERT), 6 -> 3 gives [0, 3, 5].
     The step is >= 1 when L <= n, so indices are strictly increasing.
@@ -42,6 +47,10 @@ def pick_layers(teacher_layers: int, student_layers: int) -> list[int]:
         raise StudentError(f"teacher num_hidden_layers: {n} must be >= 1")
     if not 1 <= L <= n:
         raise StudentError(f"student.num_layers: {L} must be between 1 and the teacher's {n} layers")
+    if how not in LAYER_PICKS:
+        raise StudentError(f"student.layer_pick: {how!r} is not one of {', '.join(LAYER_PICKS)}")
+    if how == "bottom":
+        return list(range(L))
     if L == 1:
         return [n - 1]
     return [(2 * i * (n - 1) + (L - 1)) // (2 * (L - 1)) for i in range(L)]
@@ -54,6 +63,7 @@ class StudentSpec:
     num_heads: int | None = None  # None: keep the teacher's head size (hidden / teacher head dim)
     ffn_ratio: float | None = None  # None: the teacher's intermediate / hidden
     init: str = "teacher-layers"  # one of INITS
+    layer_pick: str = "spread"  # one of LAYER_PICKS: which teacher layers a teacher init copies
 
 
 def student_config(teacher_config: BertConfig, spec: StudentSpec) -> BertConfig:
@@ -136,7 +146,7 @@ def build_student(teacher: PreTrainedModel, spec: StudentSpec, num_labels: int |
     if spec.init == "random":
         return student
 
-    pick = pick_layers(teacher.config.num_hidden_layers, config.num_hidden_layers)
+    pick = pick_layers(teacher.config.num_hidden_layers, config.num_hidden_layers, spec.layer_pick)
     prefix = f"{teacher.base_model_prefix}.encoder.layer."
     t_state = teacher.state_dict()
     new_state = {}

@@ -10,6 +10,7 @@
       student.hidden_size: {choice: [128, 256, 384]}
       student.num_heads: derived          # the default when hidden_size is searched: teacher's head size
       student.init: {choice: [teacher-layers, teacher-slice, random]}
+      student.layer_pick: {choice: [spread, bottom]}   # which teacher layers a teacher init copies
     normalize_alphas: true      # searched loss.alpha_* are divided by their sum (needs >= 2 searched)
     tune: {num_samples: 8, max_concurrent: 2, ...}   # see TuneSettings
 
@@ -27,6 +28,8 @@ trials can only produce valid students:
   set (``student.init|layers-slice-random``) so one name always has the same choices; a set of
   one is resolved without a parameter. A student for which no listed init is valid is an error at
   compile time, naming the keys.
+- ``student.layer_pick`` is a parameter only where it changes the student: a teacher init with fewer
+  layers than the teacher (else it is resolved to its first choice without a parameter).
 - Alphas: if normalize_alphas, searched alphas are divided by their sum. In the measure-zero case
   where every alpha draws exactly 0, the searched alphas are set to 1/n (deterministic, documented).
 """
@@ -53,9 +56,9 @@ ALPHAS = ("loss.alpha_kd", "loss.alpha_hard", "loss.alpha_cos", "loss.alpha_mse"
 # Any key named `seed` (seed, data.seed, teacher.finetune.seed, ...) is not searchable either.
 NOT_SEARCHABLE = ("objective", "cache_dir", "data.task", "data.data_dir", "data.train_file",
                   "data.dev_file", "data.corpus", "teacher.name", "output.")
-HIDDEN, LAYERS, FFN, HEADS, INIT = ("student.hidden_size", "student.num_layers", "student.ffn_ratio",
-                                    "student.num_heads", "student.init")
-STUDENT_KEYS = (HIDDEN, LAYERS, FFN, HEADS, INIT)
+HIDDEN, LAYERS, FFN, HEADS, INIT, PICK = ("student.hidden_size", "student.num_layers", "student.ffn_ratio",
+                                          "student.num_heads", "student.init", "student.layer_pick")
+STUDENT_KEYS = (HIDDEN, LAYERS, FFN, HEADS, INIT, PICK)
 INIT_TAGS = {"teacher-layers": "layers", "teacher-slice": "slice", "random": "random"}
 # DistilBERT's loss settings (Sanh et al., 2019; LossConfig's defaults), the first point of every search.
 DISTILBERT_LOSS = {f"loss.{f.name}": f.default for f in dataclasses.fields(LossConfig)}
@@ -440,7 +443,9 @@ class _Students:
         A = _pick(trial, f"{HEADS}|h{H}", self.heads[H])
         inits = self.allowed(H, A, L, r)
         init = _pick(trial, INIT + "|" + "-".join(INIT_TAGS[i] for i in inits), inits)
-        for key, value in ((HIDDEN, H), (LAYERS, L), (FFN, r), (HEADS, A), (INIT, init)):
+        picks = list(P[PICK].choices) if PICK in P else [s.layer_pick]
+        pick = _pick(trial, PICK, picks) if init != "random" and L < self.tL else picks[0]
+        for key, value in ((HIDDEN, H), (LAYERS, L), (FFN, r), (HEADS, A), (INIT, init), (PICK, pick)):
             if key in P:
                 out[key] = value
         return out
@@ -516,8 +521,9 @@ def defaults_point(space: SearchSpace, teacher_config: Any, base: dict | Config 
     Loss: T=2, alpha kd/hard/cos = 5/2/1 (normalized over the searched alphas if normalize_alphas).
     A loss default outside a uniform/log_uniform range is still returned (Optuna warns and uses it);
     on an int or choice it snaps to the nearest value. Student: teacher-layers init at the teacher's
-    width and heads with half its layers, where the space allows; otherwise, like every other key:
-    the base config's value if the distribution holds it, else the (log-)midpoint or the first choice.
+    width and heads with half its layers, spread (every other layer), where the space allows; otherwise,
+    like every other key: the base config's value if the distribution holds it, else the (log-)midpoint
+    or the first choice.
     """
     raw = base.to_dict() if isinstance(base, Config) else (space.base if base is None else base)
     full = config_from_dict(raw).to_dict()
@@ -530,7 +536,7 @@ def defaults_point(space: SearchSpace, teacher_config: Any, base: dict | Config 
     for k, v in loss.items():
         prefs[k] = [v]
     student = {HIDDEN: teacher_config.hidden_size, LAYERS: max(1, teacher_config.num_hidden_layers // 2),
-               HEADS: teacher_config.num_attention_heads, INIT: "teacher-layers"}
+               HEADS: teacher_config.num_attention_heads, INIT: "teacher-layers", PICK: "spread"}
     for k, v in student.items():
         prefs[k] = [v] + prefs.get(k, [])
     trial = _DefaultsTrial(prefs, loose=set(loss))

@@ -26,6 +26,7 @@ def test_yaml_and_overrides(tmp_path):
         ({"loss": {"alpha_kd": -1}}, "loss.alpha_kd"),
         ({"loss": {"alpha_kd": 0, "alpha_hard": 0, "alpha_cos": 0}}, "loss"),
         ({"student": {"init": "copy"}}, "student.init"),
+        ({"student": {"layer_pick": "top"}}, "student.layer_pick"),
         ({"student": {"hidden_size": 100, "num_heads": 3}}, "student.num_heads"),
         ({"optim": {"lr": "fast"}}, "optim.lr"),
         ({"optim": {"batch_size": 1.5}}, "optim.batch_size"),

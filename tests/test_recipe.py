@@ -188,3 +188,15 @@ def test_teacher_fine_tuning_is_reproducible(tmp_path):
     assert a.teacher_metrics == b.teacher_metrics
     for (name, p), q in zip(a.teacher.named_parameters(), b.teacher.parameters()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("how,picked", [("spread", [0, 3]), ("bottom", [0, 1]), ("bottom", [0]), ("spread", [3])])
+def test_run_student_copies_the_configured_teacher_layers(tmp_path, how, picked):  # of 4
+    from distil_core.recipe import build_run_student
+
+    prep = prepare(make_cfg(tmp_path, student__layer_pick=how, student__num_layers=len(picked)))
+    student, _ = build_run_student(prep)
+    t_state, s_state = prep.teacher.state_dict(), student.state_dict()
+    key = "attention.self.query.weight"
+    for i, j in enumerate(picked):
+        assert torch.equal(s_state[f"bert.encoder.layer.{i}.{key}"].cpu(), t_state[f"bert.encoder.layer.{j}.{key}"].cpu())

@@ -41,6 +41,7 @@ def adversarial(variant: str) -> dict:
         "student.hidden_size": {"choice": [16, 32, 48, 64, 96]},
         "student.num_heads": {"choice": [1, 2, 3, 4, 8]},
         "student.init": {"choice": ["random", "teacher-slice", "teacher-layers"]},
+        "student.layer_pick": {"choice": ["bottom", "spread"]},
         "student.ffn_ratio": {"choice": [1.0, 2.0, 3.0]} if variant == "ffn-choice" else {"uniform": [0.5, 3.0]},
         "loss.alpha_kd": {"choice": [0.0, 1.0]},
         "loss.alpha_hard": {"uniform": [0.0, 1.0]},
@@ -65,7 +66,8 @@ def cases(minilm):
 def check_valid(space, teacher, overrides):
     cfg = config_from_dict(apply_overrides(space.base, overrides))
     s = cfg.student
-    student_config(teacher, StudentSpec(s.num_layers, s.hidden_size, s.num_heads, s.ffn_ratio, s.init))
+    student_config(teacher, StudentSpec(s.num_layers, s.hidden_size, s.num_heads, s.ffn_ratio, s.init,
+                                        s.layer_pick))
     return cfg
 
 
@@ -134,11 +136,15 @@ def test_conditionals(random_runs):
     for name, space, teacher, study, results, cfgs in random_runs:
         tH, tA = teacher.hidden_size, teacher.num_attention_heads
         head = tH // tA
-        inits = set()
+        inits, picks = set(), set()
         for t, ov, cfg in zip(study.trials, results, cfgs):
             s = cfg.student
             H, A = s.hidden_size or tH, s.num_heads or (s.hidden_size or tH) // head
             inits.add(s.init)
+            if "student.layer_pick" in space.params:  # a parameter only where it changes the student
+                matters = s.init != "random" and s.num_layers < teacher.num_hidden_layers
+                assert ("student.layer_pick" in t.distributions) == matters, (name, s)
+                picks.add(s.layer_pick) if matters else None
             if s.init == "teacher-layers":
                 assert (H, A) == (tH, tA) and s.num_layers <= teacher.num_hidden_layers
             if s.init == "teacher-slice":
@@ -156,6 +162,8 @@ def test_conditionals(random_runs):
         if "student.init" in space.params and name != "ffn-uniform":  # every listed init is reachable
             # (a continuous ffn_ratio hits the teacher's FFN size, which teacher-layers needs, almost never)
             assert inits == set(space.params["student.init"].choices), name
+        if "student.layer_pick" in space.params:
+            assert picks == set(space.params["student.layer_pick"].choices), name
 
 
 def test_defaults_point_is_first_trial(minilm):
@@ -167,6 +175,7 @@ def test_defaults_point_is_first_trial(minilm):
         ov = results[0]
         cfg = check_valid(space, teacher, ov)
         assert cfg.loss.temperature == 2.0 and cfg.student.init == "teacher-layers"
+        assert cfg.student.layer_pick == "spread"  # DistilBERT's every other layer
         assert (cfg.student.hidden_size or teacher.hidden_size) == teacher.hidden_size
         assert cfg.student.num_layers == teacher.num_hidden_layers // 2
         s = cfg.student

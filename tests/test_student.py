@@ -62,6 +62,14 @@ def test_pick_layers_errors(n, L):
         pick_layers(n, L)
 
 
+def test_pick_layers_bottom_takes_the_first_layers():
+    assert pick_layers(6, 3, "bottom") == [0, 1, 2] and pick_layers(12, 1, "bottom") == [0]
+    with pytest.raises(ValueError, match="student.num_layers"):
+        pick_layers(6, 7, "bottom")
+    with pytest.raises(ValueError, match="student.layer_pick: 'top' is not one of spread, bottom"):
+        pick_layers(6, 3, "top")
+
+
 # --- student_config validation -----------------------------------------------
 
 def test_student_config_defaults_keep_teacher_shape():
@@ -104,12 +112,13 @@ def test_random_init_may_be_deeper_and_any_head_size():
 
 # --- teacher-layers ----------------------------------------------------------
 
-def test_teacher_layers_copies_picked_layers():
+@pytest.mark.parametrize("how,picked", [("spread", [0, 2, 4, 7, 9, 11]), ("bottom", [0, 1, 2, 3, 4, 5])])
+def test_teacher_layers_copies_picked_layers(how, picked):
     t = teacher()
-    s = build_student(t, StudentSpec(6))
+    s = build_student(t, StudentSpec(6, layer_pick=how))
     assert type(s) is BertForSequenceClassification and s.config.num_hidden_layers == 6
     ts, ss = t.state_dict(), s.state_dict()
-    for i, j in enumerate([0, 2, 4, 7, 9, 11]):
+    for i, j in enumerate(picked):
         layer_keys = [k for k in ss if k.startswith(f"{LAYER}{i}.")]
         assert len(layer_keys) == 16
         for k in layer_keys:
@@ -139,6 +148,14 @@ def test_wrong_teacher_class_for_mlm_flag():
 
 
 # --- teacher-slice -----------------------------------------------------------
+
+def test_teacher_slice_bottom_cuts_the_first_layers():
+    t = teacher()
+    s = build_student(t, StudentSpec(3, hidden_size=16, init="teacher-slice", layer_pick="bottom"))
+    key = "attention.self.query.weight"
+    for i in range(3):
+        assert torch.equal(s.state_dict()[f"{LAYER}{i}.{key}"], t.state_dict()[f"{LAYER}{i}.{key}"][:16, :16])
+
 
 def test_teacher_slice_shapes_and_prefix_values():
     t = teacher()
