@@ -289,12 +289,14 @@ class Trainer:
                 if self.tb:
                     for k, v in logs.items():
                         self.tb.add_scalar(k if "/" in k else f"train/{k}", v, self.step)
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{logs['loss/total']:.3f}", **{self.main_metric: metrics.get(f"dev/{self.main_metric}", float("nan"))})
                 if self.step % self.optim_cfg.eval_every == 0 or self.step == self.total_steps:
                     metrics = self._evaluate_and_checkpoint({k: v / window_n for k, v in window.items()})
                     window, window_n = {}, 0
+                if bar:  # after the evaluation, so the last step shows the final dev metric
+                    dev = metrics.get(f"dev/{self.main_metric}")
+                    bar.set_postfix(loss=f"{logs['loss/total']:.3f}",
+                                    **({self.main_metric: f"{dev:.4f}"} if dev is not None else {}))
+                    bar.update(1)
         except NonFiniteLossError as e:
             return self._finish(TrainResult("diverged", self.step, metrics, self.history, self.train_seconds, str(e)))
         finally:

@@ -78,8 +78,9 @@ class LiveView(tune.Callback):
         shown = f"{value:.4f}" if value is not None else "-"
         # Tune calls this before the trial's status turns TERMINATED: judge by the last result
         state = "finished" if last.get("is_final") else "pruned by ASHA"
+        n = last.get("training_iteration", 0)
         self._update(trials, f"trial {trial.trial_id} {state}: dev {self.metric} {shown} "
-                             f"after {last.get('training_iteration', 0)} evaluations")
+                             f"after {n} evaluation{'' if n == 1 else 's'}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._update(trials, f"trial {trial.trial_id} failed: see {trial.path}")

@@ -200,3 +200,10 @@ def test_run_student_copies_the_configured_teacher_layers(tmp_path, how, picked)
     key = "attention.self.query.weight"
     for i, j in enumerate(picked):
         assert torch.equal(s_state[f"bert.encoder.layer.{i}.{key}"].cpu(), t_state[f"bert.encoder.layer.{j}.{key}"].cpu())
+
+
+def test_progress_bar_ends_on_the_final_dev_metric(tmp_path, capsys):
+    summary = distill(make_cfg(tmp_path), progress=True)
+    err = capsys.readouterr().err
+    final = f"accuracy={summary['metrics']['dev/accuracy']:.4f}"
+    assert final in err.rsplit("distil", 1)[-1] and "nan" not in err, err[-500:]

@@ -35,6 +35,22 @@ def test_stopped_trial_is_told_as_pruned_with_its_last_value():
     assert searcher._ot_study.trials[1].value == 0.9
 
 
+def test_live_view_prints_one_line_per_finished_trial(capsys):
+    from types import SimpleNamespace
+
+    from search.live import LiveView
+
+    view = LiveView({"main_metric": "accuracy", "tune": {"num_samples": 2}, "teacher": {"metrics": {}}})
+    pruned = SimpleNamespace(trial_id="a", status="RUNNING", last_result={"main": 0.515, "training_iteration": 1})
+    done = SimpleNamespace(trial_id="b", status="RUNNING",
+                           last_result={"main": 0.79, "training_iteration": 4, "is_final": True})
+    view.on_trial_complete(0, [pruned, done], pruned)
+    view.on_trial_complete(0, [pruned, done], done)
+    assert capsys.readouterr().err.splitlines() == [
+        "trial a pruned by ASHA: dev accuracy 0.5150 after 1 evaluation",
+        "trial b finished: dev accuracy 0.7900 after 4 evaluations"]
+
+
 def test_asha_breaks_ties_at_the_majority_class_by_dev_loss():
     """Students that still predict only the majority class tie exactly on accuracy (0.515 here); ASHA on
     the plain metric lets every tied trial go on. Ranked by the rung score, the one with the higher dev
