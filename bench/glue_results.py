@@ -55,13 +55,11 @@ def student_params(base: dict[str, Any], overrides: dict[str, Any], teacher_path
     from transformers import AutoConfig, BertForSequenceClassification
 
     from distil_core.config import apply_overrides, config_from_dict
-    from distil_core.student import StudentSpec, count_parameters, student_config
+    from distil_core.student import count_parameters, spec_from_config, student_config
     from distil_core.tasks import get_task
 
     cfg = config_from_dict(apply_overrides(base, overrides))
-    s = cfg.student
-    spec = StudentSpec(num_layers=s.num_layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
-                       ffn_ratio=s.ffn_ratio, init=s.init, layer_pick=s.layer_pick)
+    spec = spec_from_config(cfg.student)
     config = student_config(AutoConfig.from_pretrained(teacher_path), spec)
     config.num_labels = get_task(cfg.data.task).num_labels
     return count_parameters(BertForSequenceClassification(config))

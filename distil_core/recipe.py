@@ -22,7 +22,7 @@ from . import data as data_mod
 from .config import Config, LossConfig, OptimConfig, save_config
 from .errors import UserInputError
 from .losses import make_projection
-from .student import StudentSpec, build_student, describe_student
+from .student import build_student, describe_student, spec_from_config
 from .tasks import Task, compute_metrics, get_task, prediction_loss
 from .teacher import (
     CachedTeacherOutputs,
@@ -268,9 +268,7 @@ def prepare(cfg: Config, progress: bool = True, device: torch.device | None = No
 
 
 def build_run_student(prep: Prepared) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    s = prep.cfg.student
-    spec = StudentSpec(num_layers=s.num_layers, hidden_size=s.hidden_size, num_heads=s.num_heads,
-                       ffn_ratio=s.ffn_ratio, init=s.init, layer_pick=s.layer_pick)
+    spec = spec_from_config(prep.cfg.student)
     try:
         student = build_student(prep.teacher, spec, num_labels=prep.task.num_labels, mlm=prep.cfg.objective == "mlm")
     except ValueError as e:

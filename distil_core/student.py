@@ -19,12 +19,13 @@ strategies for fine-tuned students).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, PreTrainedModel
 
-from distil_core.config import INITS, LAYER_PICKS
+from distil_core.config import INITS, LAYER_PICKS, StudentConfig
 from distil_core.errors import UserInputError
 
 
@@ -64,6 +65,11 @@ class StudentSpec:
     ffn_ratio: float | None = None  # None: the teacher's intermediate / hidden
     init: str = "teacher-layers"  # one of INITS
     layer_pick: str = "spread"  # one of LAYER_PICKS: which teacher layers a teacher init copies
+
+
+def spec_from_config(student: StudentConfig) -> StudentSpec:
+    """The run config's `student` section as a StudentSpec (the same fields)."""
+    return StudentSpec(**dataclasses.asdict(student))
 
 
 def student_config(teacher_config: BertConfig, spec: StudentSpec) -> BertConfig:
