@@ -41,6 +41,17 @@ def assert_clean_error(proc, *fragments):
         assert f in proc.stderr, proc.stderr
 
 
+def main_error(capsys, *args) -> subprocess.CompletedProcess:
+    """search.cli.main in this process (a subprocess costs ~10 s of imports): its exit code and stderr.
+    An unexpected exception propagates and fails the test, as a traceback would."""
+    from search.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 def test_train_cli_end_to_end(tmp_path):
     proc = cli("train", str(write_config(tmp_path)), "--no-progress", "--set", "student.num_layers=2")
     assert proc.returncode == 0, proc.stderr
@@ -49,17 +60,18 @@ def test_train_cli_end_to_end(tmp_path):
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["student"]["num_layers"] == 2
 
 
-def test_bad_inputs_give_one_clear_message(tmp_path):
+def test_bad_inputs_give_one_clear_message(tmp_path, capsys):
     cfg = write_config(tmp_path)
-    assert_clean_error(cli("train", str(tmp_path / "nope.yaml")), "nope.yaml", "not found")
-    assert_clean_error(cli("train", str(cfg), "--set", "loss.temperature=-1"), "loss.temperature")
-    assert_clean_error(cli("train", str(cfg), "--set", "data.task=sst3"), "sst3")
-    assert_clean_error(cli("train", str(cfg), "--set", f"teacher.name={tmp_path}"), "config.json")
+    assert_clean_error(cli("train", str(tmp_path / "nope.yaml")), "nope.yaml", "not found")  # the real entry point
+    assert_clean_error(main_error(capsys, "train", str(cfg), "--set", "loss.temperature=-1"), "loss.temperature")
+    assert_clean_error(main_error(capsys, "train", str(cfg), "--set", "data.task=sst3"), "sst3")
+    assert_clean_error(main_error(capsys, "train", str(cfg), "--set", f"teacher.name={tmp_path}"), "config.json")
     (tmp_path / "glue" / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nfine movie\tmaybe\n")
-    assert_clean_error(cli("train", str(cfg)), "maybe")
+    assert_clean_error(main_error(capsys, "train", str(cfg)), "maybe")
     assert not (tmp_path / "out" / "student").exists()
     # run --set: the space's base config, checked before anything runs
-    assert_clean_error(cli("run", "quickstart", "--set", "optim.lr", "--storage", str(tmp_path / "e")), "KEY=VALUE")
-    assert_clean_error(cli("run", "quickstart", "--set", "loss.temperature=-1", "--storage", str(tmp_path / "e")),
+    e = str(tmp_path / "e")
+    assert_clean_error(main_error(capsys, "run", "quickstart", "--set", "optim.lr", "--storage", e), "KEY=VALUE")
+    assert_clean_error(main_error(capsys, "run", "quickstart", "--set", "loss.temperature=-1", "--storage", e),
                        "quickstart.yaml", "loss.temperature")
     assert not (tmp_path / "e").exists()
