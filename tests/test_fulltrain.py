@@ -103,7 +103,7 @@ def test_two_gloo_ranks_train_like_one_process_on_the_global_batch(tmp_path):
     finally:
         torch.set_num_threads(threads)
     torch.multiprocessing.spawn(_run_trainer, args=(2, _free_port(), raw, artifacts, two), nprocs=2)
-    a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     assert a["result"][0] == b["result"][0] == 8
     # 16 micro-batches: 14 of 16 rows (8 per rank) and 2 of one row (rank 0's)
     assert a["result"][1] == [14 * 16 + 2] and b["result"][1] == [14 * 8 + 2, 14 * 8]
