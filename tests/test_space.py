@@ -16,7 +16,7 @@ from transformers import AutoConfig, BertConfig
 
 from distil_core.config import apply_overrides, config_from_dict
 from distil_core.errors import UserInputError
-from distil_core.student import StudentSpec, student_config
+from distil_core.student import spec_from_config, student_config
 from search.space import (base_config, compile_space, defaults_point, load_space, searched_keys,
                           space_file, space_from_dict)
 
@@ -65,9 +65,7 @@ def cases(minilm):
 
 def check_valid(space, teacher, overrides):
     cfg = config_from_dict(apply_overrides(space.base, overrides))
-    s = cfg.student
-    student_config(teacher, StudentSpec(s.num_layers, s.hidden_size, s.num_heads, s.ffn_ratio, s.init,
-                                        s.layer_pick))
+    student_config(teacher, spec_from_config(cfg.student))
     return cfg
 
 
@@ -178,9 +176,7 @@ def test_defaults_point_is_first_trial(minilm):
         assert cfg.student.layer_pick == "spread"  # DistilBERT's every other layer
         assert (cfg.student.hidden_size or teacher.hidden_size) == teacher.hidden_size
         assert cfg.student.num_layers == teacher.num_hidden_layers // 2
-        s = cfg.student
-        assert student_config(teacher, StudentSpec(s.num_layers, s.hidden_size, s.num_heads, s.ffn_ratio, s.init)
-                              ).num_attention_heads == teacher.num_attention_heads
+        assert student_config(teacher, spec_from_config(cfg.student)).num_attention_heads == teacher.num_attention_heads
         weights = (cfg.loss.alpha_kd, cfg.loss.alpha_hard, cfg.loss.alpha_cos)
         expected = (5 / 8, 2 / 8, 1 / 8) if space.normalize_alphas else (5.0, 2.0, 1.0)
         assert weights == pytest.approx(expected)
