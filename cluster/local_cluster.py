@@ -365,10 +365,7 @@ def _stop_cluster(cluster: LocalCluster, keep_dir: bool = False, grace_s: float 
                 os.kill(node.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p, t) for p, t in targets.items()):
-        _reap(cluster)
-        time.sleep(0.2)
+    _wait_gone(cluster, targets, grace_s)
     leftovers = {p: t for p, t in targets.items() if _alive(p, t)}
     _sigkill(cluster, [n.pid for n in cluster.nodes if n.pid in leftovers], leftovers, 5.0, "processes")
     if not keep_dir:
@@ -388,6 +385,14 @@ def _kill_node(cluster: LocalCluster, node: Node, timeout: float = 10.0) -> list
     return sorted(targets)
 
 
+def _wait_gone(cluster: LocalCluster, targets: dict[int, int], timeout: float) -> None:
+    """Wait up to TIMEOUT seconds for every target (pid -> start time) to exit, reaping our children."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p, t) for p, t in targets.items()):
+        _reap(cluster)
+        time.sleep(0.1)
+
+
 def _sigkill(cluster: LocalCluster, leaders: list[int], targets: dict[int, int], timeout: float, what: str) -> None:
     """SIGKILL the process groups the recorded leaders created, then any target still alive (pid -> start
     time, so a reused pid is never signalled); wait for them all, or raise naming them."""
@@ -402,10 +407,7 @@ def _sigkill(cluster: LocalCluster, leaders: list[int], targets: dict[int, int],
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p, t) for p, t in targets.items()):
-        _reap(cluster)
-        time.sleep(0.1)
+    _wait_gone(cluster, targets, timeout)
     _reap(cluster)
     still = sorted(p for p, t in targets.items() if _alive(p, t))
     if still:
