@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from distil_core.errors import UserInputError
 
@@ -102,7 +103,7 @@ def _status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .run import load_meta, resolve_experiment, trial_rows
+    from .run import load_meta, resolve_experiment, trial_rows, tune_state_file
 
     exp = resolve_experiment(args.experiment, args.storage)
     _say_mirror(exp)
@@ -118,6 +119,10 @@ def _status(args: argparse.Namespace) -> int:
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         table.add_row(r["trial_id"], r["status"], *cells, fmt(r["best_main"]), fmt(r["main"]),
                       f"{r['step'] or 0}/{r['total_steps'] or '?'}")
+    state = tune_state_file(exp.local)
+    if state:  # an interrupted search's last save still says RUNNING: the time tells them apart
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.stat().st_mtime))
+        table.caption = f"as Tune last saved it, {saved}"
     console = Console()
     if not console.is_terminal:  # piped or logged: no 80-column squeeze
         console = Console(width=240)

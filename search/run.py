@@ -291,14 +291,16 @@ def trial_rows(exp: Path) -> list[dict[str, Any]]:
 
     # trials that have not reported yet (pending) are expected here, not worth Ray's warning per trial
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    analysis = ExperimentAnalysis(str(exp))
+    state = tune_state_file(exp)
+    analysis = ExperimentAnalysis(str(state or exp))
+    saved = _saved_statuses(state) if state else {}
     rows = []
     # experiment_tag starts with the trial's creation index: the DistilBERT defaults trial is index 1
     for trial in sorted(analysis.trials, key=lambda t: int(str(t.experiment_tag).split("_")[0] or 0)):
         last = trial.last_result or {}
         history = analysis.trial_dataframes.get(trial.trial_id)
         best = float(history[MAIN].max()) if history is not None and MAIN in history else None
-        status = trial.status
+        status = saved.get(trial.trial_id, trial.status)
         if status == "TERMINATED" and not last.get("is_final"):
             status = "PRUNED"
         rows.append({
@@ -322,6 +324,22 @@ def trial_rows(exp: Path) -> list[dict[str, Any]]:
             "last_result": {k: v for k, v in last.items() if isinstance(v, (int, float, str, bool))},
         })
     return rows
+
+
+def tune_state_file(exp: Path) -> Path | None:
+    """Tune's newest experiment state in a (local) experiment folder; Tune picks it the same way (max name)."""
+    states = sorted(exp.glob("experiment_state-*.json"))
+    return states[-1] if states else None
+
+
+def _saved_statuses(state_file: Path) -> dict[str, str]:
+    """trial id -> status as Tune saved it. Ray's loader turns RUNNING into PENDING (ready for a restore),
+    which a table read while the search runs must not show."""
+    try:
+        trial_data = json.loads(state_file.read_text())["trial_data"]
+        return {t["trial_id"]: t["status"] for t in (json.loads(state) for state, _ in trial_data)}
+    except (OSError, ValueError, KeyError, TypeError):  # being rewritten, or another layout: Ray's view
+        return {}
 
 
 def pareto_front(rows: list[dict[str, Any]], objectives: list[str]) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The search layer: pruned-aware Optuna bookkeeping, and tiny real searches on local Ray."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,24 @@ def test_two_trials_run_at_the_same_time(tmp_path):
                for r in trial_rows(Path(summary["experiment"]))]
     (a0, a1), (b0, b1) = windows
     assert a0 < b1 and b0 < a1, windows
+
+
+def test_status_shows_a_trial_running_as_tune_saved_it(tiny_search, tmp_path, capsys):
+    """Mid-search, Tune's saved state says RUNNING; Ray's own loader turns that into PENDING (for a restore)."""
+    from search.cli import main
+    from search.run import trial_rows, tune_state_file
+
+    exp = tmp_path / "tiny"
+    shutil.copytree(tiny_search["exp"], exp)
+    state_file = tune_state_file(exp)
+    state = json.loads(state_file.read_text())
+    trial = json.loads(state["trial_data"][0][0])
+    trial["status"] = "RUNNING"
+    state["trial_data"][0][0] = json.dumps(trial)
+    state_file.write_text(json.dumps(state))
+    statuses = {r["trial_id"]: r["status"] for r in trial_rows(exp)}
+    assert statuses[trial["trial_id"]] == "RUNNING"
+    assert sorted(statuses.values()).count("RUNNING") == 1
+    assert main(["status", str(exp)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("RUNNING") == 1 and "as Tune last saved it" in out
