@@ -125,6 +125,21 @@ def test_non_finite_loss_stops_with_status(tmp_path):
     assert "nan" in result.message.lower() and "loss/kd" in result.message
 
 
+def test_the_cpu_optimizer_is_torchs_fused_adamw(tmp_path):
+    """Not torch's CPU default, a per-tensor loop about 6x slower (bench/optimizer.py)."""
+    from distil_core.recipe import build_run_student
+    from distil_core.trainer import Trainer
+
+    cfg = make_cfg(tmp_path)
+    prep = prepare(cfg, progress=False)
+    student, projection = build_run_student(prep)
+    trainer = Trainer(student, task_kind="classification", train_data=prep.train, collate_fn=prep.collate,
+                      optim=cfg.optim, loss=cfg.loss, seed=1, teacher=prep.signal, projection=projection,
+                      evaluate=lambda model: {}, main_metric="accuracy", progress=False, tensorboard=False)
+    assert type(trainer.optimizer) is torch.optim.AdamW and trainer.optimizer.defaults["fused"] is True
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == cfg.optim.weight_decay
+
+
 def test_regression_task_stsb(tmp_path):
     folder = tmp_path / "glue" / "STS-B"
     folder.mkdir(parents=True)
