@@ -13,6 +13,7 @@ import os
 import shlex
 import time
 import warnings
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from .artifacts import ArtifactStore, upload
 from .space import SearchSpace, base_config, compile_space, defaults_point, load_space, searched_keys
 from .storage import META, Experiment, find_experiment, parse_storage
 from .tensorboard import write_experiment_config
-from .trainable import MAIN, RUNG_SCORE, distil_trainable
+from .trainable import MAIN, RUNG_SCORE, distil_trainable, per_example_schedule
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the live view reports trials instead
@@ -109,12 +110,16 @@ def load_meta(exp: Path) -> dict[str, Any]:
     return json.loads((Path(exp) / META).read_text())
 
 
-def num_evaluations(cfg: Config, n_train: int, min_batch: int) -> int:
-    """Evaluations a full trial makes (ASHA's max_t), for the smallest batch the space allows."""
-    o = cfg.optim
-    micro = math.ceil(n_train / min_batch)
-    steps = o.max_steps or max(1, math.ceil(o.epochs * math.ceil(micro / o.grad_accum)))
-    return math.ceil(steps / o.eval_every)
+def num_evaluations(cfg: Config, n_train: int, batches: list[int]) -> int:
+    """Evaluations a full trial makes (ASHA's max_t): the most over the batch sizes the space allows, each
+    with its per-example schedule (rounding can differ by one)."""
+    most = 1
+    for batch in batches:
+        o = per_example_schedule(cfg.optim, dataclasses.replace(cfg.optim, batch_size=batch))
+        micro = math.ceil(n_train / batch)
+        steps = o.max_steps or max(1, math.ceil(o.epochs * math.ceil(micro / o.grad_accum)))
+        most = max(most, math.ceil(steps / o.eval_every))
+    return most
 
 
 def make_trainable(meta: dict[str, Any], store: ArtifactStore | None = None):
@@ -223,7 +228,7 @@ def prepare_search(opts: SearchOptions) -> tuple[SearchSpace, dict[str, Any]]:
             t[key] = value
     t["objectives"] = list(t["objectives"])
     batch = space.params.get("optim.batch_size")
-    min_batch = min((batch.values() if batch else None) or [cfg.optim.batch_size])
+    batches = [int(b) for b in ((batch.values() if batch else None) or [cfg.optim.batch_size])]
     meta = {
         "space_file": str(Path(opts.space).resolve()),
         "space": space.raw,
@@ -231,7 +236,7 @@ def prepare_search(opts: SearchOptions) -> tuple[SearchSpace, dict[str, Any]]:
         "base": cfg.to_dict(),
         "tune": t,
         "max_failures": opts.max_failures,
-        "max_evals": num_evaluations(cfg, len(prep.train), int(min_batch)),
+        "max_evals": num_evaluations(cfg, len(prep.train), batches),
         "main_metric": prep.main_metric,
         "teacher": {
             "name": cfg.teacher.name,

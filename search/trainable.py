@@ -8,6 +8,7 @@ from the experiment's object storage (search/artifacts.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import shutil
@@ -20,7 +21,7 @@ import ray
 import torch
 from ray import tune
 
-from distil_core.config import Config, apply_overrides, config_from_dict
+from distil_core.config import Config, OptimConfig, apply_overrides, config_from_dict
 from distil_core.recipe import build_run_student, distill
 from distil_core.student import measure_latency_ms
 from distil_core.trainer import EvalEvent
@@ -52,7 +53,22 @@ def trial_config(base: dict[str, Any], config: dict[str, Any], out_dir: Path) ->
     if "seed" in config:  # seed re-runs of a configuration
         overrides["seed"] = config["seed"]
     overrides["output.dir"] = str(out_dir)
-    return config_from_dict(apply_overrides(base, overrides))
+    cfg = config_from_dict(apply_overrides(base, overrides))
+    cfg.optim = per_example_schedule(config_from_dict(base).optim, cfg.optim)
+    return cfg
+
+
+def per_example_schedule(base: OptimConfig, optim: OptimConfig) -> OptimConfig:
+    """OPTIM with eval_every (and max_steps) rescaled by the base's batch over its own (batch_size x
+    grad_accum), so a trial with a searched batch evaluates, and stops, after as many examples as the base
+    config does. ASHA's rungs count evaluations: at one rung every trial has then seen the same data (in
+    steps, a batch-16 trial would be judged on half the examples of a batch-32 one)."""
+    ratio = (base.batch_size * base.grad_accum) / (optim.batch_size * optim.grad_accum)
+    if ratio == 1:
+        return optim
+    # eval_every rounds up: a remainder of steps would otherwise add one more (short) evaluation than the base's
+    return dataclasses.replace(optim, eval_every=max(1, math.ceil(optim.eval_every * ratio)),
+                               max_steps=optim.max_steps and max(1, round(optim.max_steps * ratio)))
 
 
 class TuneReporter:

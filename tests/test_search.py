@@ -52,6 +52,33 @@ def test_live_view_prints_one_line_per_finished_trial(capsys):
         "trial b finished: dev accuracy 0.7900 after 4 evaluations"]
 
 
+@pytest.mark.parametrize("n_train", [8000, 3668])
+def test_a_searched_batch_evaluates_after_as_many_examples_as_the_base(tmp_path, n_train):
+    """ASHA's rungs count evaluations: a batch-16 trial evaluating every 125 steps like the batch-32 base
+    would be judged at each rung on half the examples."""
+    import math
+
+    from distil_core.config import config_from_dict
+    from search.run import num_evaluations
+    from search.trainable import trial_config
+
+    base = {"optim": {"batch_size": 32, "epochs": 3, "eval_every": 125}}
+    evaluations = {}
+    for batch, accum, every in ((32, 1, 125), (16, 1, 250), (64, 1, 63), (16, 2, 125)):
+        cfg = trial_config(base, {"overrides": {"optim.batch_size": batch, "optim.grad_accum": accum}}, tmp_path)
+        assert (cfg.optim.eval_every, cfg.optim.max_steps, cfg.optim.epochs) == (every, None, 3)
+        steps = 3 * math.ceil(math.ceil(n_train / batch) / accum)
+        evaluations[batch, accum] = math.ceil(steps / every)
+    assert set(evaluations.values()) == {math.ceil(3 * math.ceil(n_train / 32) / 125)}  # 6 and 3
+    assert num_evaluations(config_from_dict(base), n_train, [16, 32]) == evaluations[32, 1]
+    # a step budget is an example budget too; a seed re-run keeps the base's schedule
+    stepped = {"optim": {"batch_size": 32, "max_steps": 120, "eval_every": 30}}
+    cfg = trial_config(stepped, {"overrides": {"optim.batch_size": 16}, "seed": 3}, tmp_path)
+    assert (cfg.optim.max_steps, cfg.optim.eval_every, cfg.seed) == (240, 60, 3)
+    cfg = trial_config(stepped, {"overrides": {}, "seed": 3}, tmp_path)
+    assert (cfg.optim.max_steps, cfg.optim.eval_every) == (120, 30)
+
+
 def test_asha_breaks_ties_at_the_majority_class_by_dev_loss():
     """Students that still predict only the majority class tie exactly on accuracy (0.515 here); ASHA on
     the plain metric lets every tied trial go on. Ranked by the rung score, the one with the higher dev
