@@ -287,7 +287,7 @@ def save_study(exp: Experiment) -> optuna.Study | None:
     return optuna.load_study(study_name="optuna", storage=f"sqlite:///{db}")
 
 
-def trial_rows(exp: Path) -> list[dict[str, Any]]:
+def trial_rows(exp: Path | str) -> list[dict[str, Any]]:
     """One row per trial from Tune's state in an experiment's (local) folder: status (PRUNED for
     ASHA-stopped), overrides, last/best main."""
     import logging
@@ -296,6 +296,7 @@ def trial_rows(exp: Path) -> list[dict[str, Any]]:
 
     # trials that have not reported yet (pending) are expected here, not worth Ray's warning per trial
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    exp = Path(exp)
     state = tune_state_file(exp)
     analysis = ExperimentAnalysis(str(state or exp))
     saved = _saved_statuses(state) if state else {}
