@@ -13,8 +13,7 @@ import os
 import shlex
 import time
 import warnings
-import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +114,7 @@ def num_evaluations(cfg: Config, n_train: int, batches: list[int]) -> int:
     with its per-example schedule (rounding can differ by one)."""
     most = 1
     for batch in batches:
-        o = per_example_schedule(cfg.optim, dataclasses.replace(cfg.optim, batch_size=batch))
+        o = per_example_schedule(cfg.optim, replace(cfg.optim, batch_size=batch))
         micro = math.ceil(n_train / batch)
         steps = o.max_steps or max(1, math.ceil(o.epochs * math.ceil(micro / o.grad_accum)))
         most = max(most, math.ceil(steps / o.eval_every))
