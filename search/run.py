@@ -297,8 +297,15 @@ def trial_rows(exp: Path | str) -> list[dict[str, Any]]:
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     exp = Path(exp)
     state = tune_state_file(exp)
-    analysis = ExperimentAnalysis(str(state or exp))
-    saved = _saved_statuses(state) if state else {}
+    for attempt in range(10):  # a live search rewrites its state file in place: a read can catch it empty
+        try:
+            saved = _saved_statuses(state) if state else {}
+            analysis = ExperimentAnalysis(str(state or exp))
+            break
+        except ValueError:  # json.JSONDecodeError
+            if attempt == 9:
+                raise
+            time.sleep(0.1)
     rows = []
     # experiment_tag starts with the trial's creation index: the DistilBERT defaults trial is index 1
     for trial in sorted(analysis.trials, key=lambda t: int(str(t.experiment_tag).split("_")[0] or 0)):
@@ -340,10 +347,10 @@ def tune_state_file(exp: Path) -> Path | None:
 def _saved_statuses(state_file: Path) -> dict[str, str]:
     """trial id -> status as Tune saved it. Ray's loader turns RUNNING into PENDING (ready for a restore),
     which a table read while the search runs must not show."""
+    state = json.loads(state_file.read_text())
     try:
-        trial_data = json.loads(state_file.read_text())["trial_data"]
-        return {t["trial_id"]: t["status"] for t in (json.loads(state) for state, _ in trial_data)}
-    except (OSError, ValueError, KeyError, TypeError):  # being rewritten, or another layout: Ray's view
+        return {t["trial_id"]: t["status"] for t in (json.loads(s) for s, _ in state["trial_data"])}
+    except (ValueError, KeyError, TypeError):  # another Ray's layout: Ray's own view
         return {}
 
 

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import optuna
@@ -273,3 +274,8 @@ def test_status_shows_a_trial_running_as_tune_saved_it(tiny_search, tmp_path, ca
     assert main(["status", str(exp)]) == 0
     out = capsys.readouterr().out
     assert out.count("RUNNING") == 1 and "as Tune last saved it" in out
+    # a live search rewrites the state file in place: a read that catches it empty tries again
+    text = state_file.read_text()
+    state_file.write_text("")
+    threading.Timer(0.2, state_file.write_text, [text]).start()
+    assert len(trial_rows(exp)) == len(statuses)
