@@ -11,6 +11,15 @@ preset's seeded 8,000-example subset; MRPC, CoLA and STS-B on their full train s
 `run` starts the task's search, or resumes it where an earlier run (or session) stopped. `table` reads
 every finished task and writes glue_results.json and glue_results.md under the storage folder, plus the
 report plots (Pareto front against latency, best so far) as docs/glue-<task>-*.png.
+
+A search takes longer than one working session, and the next session may start on a new machine:
+
+    python bench/glue_results.py pack sst2 --storage S --to bench/runs    # at the end of a session
+    python bench/glue_results.py unpack sst2 --storage S --from bench/runs  # at the start of the next
+
+`pack` archives the experiment without its checkpoints (trials that finished do not need them; stop the
+search between trials, so no unfinished trial has one); `run` then resumes it, and `resume` prepares the
+caches again where they are gone (same names, same teacher: its fine-tuning is seeded).
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +192,55 @@ def table(storage: str, docs: str | None) -> int:
     return 0
 
 
+def unfinished_with_checkpoints(exp: Path) -> list[str]:
+    """Trials (of the search and of its confirmation) that Tune saved as not finished but that hold
+    checkpoints: a resume would restore them from a checkpoint that a pack leaves out."""
+    from search.run import _saved_statuses, tune_state_file
+
+    found = []
+    for folder in (exp, exp / "confirm"):
+        state = tune_state_file(folder) if folder.is_dir() else None
+        for trial_id, status in (_saved_statuses(state) if state else {}).items():
+            if status not in ("TERMINATED", "ERROR") and any(folder.glob(f"*_{trial_id}_*/checkpoint_*")):
+                found.append(f"{folder.name}/{trial_id} ({status})")
+    return found
+
+
+def pack(task: str, storage: str, to: str) -> int:
+    exp = Path(storage) / experiment_name(task)
+    if not (exp / "distil_search.json").is_file():
+        print(f"{exp}: no experiment to pack", file=sys.stderr)
+        return 2
+    unfinished = unfinished_with_checkpoints(exp)
+    if unfinished:
+        print(f"{exp}: trials stopped mid-way hold checkpoints that a pack leaves out: {', '.join(unfinished)}; "
+              "stop the search between trials (Ctrl-C after one ends, before the next one's first evaluation) "
+              "and pack again", file=sys.stderr)
+        return 2
+    archive = Path(to) / f"{exp.name}.tar.gz"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    tmp = archive.with_name(archive.name + ".tmp")
+    skip = lambda info: None if Path(info.name).name.startswith("checkpoint_") else info  # noqa: E731
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(exp, arcname=exp.name, filter=skip)
+    tmp.replace(archive)
+    print(f"{archive}: {archive.stat().st_size / 1e6:.1f} MB")
+    return 0
+
+
+def unpack(task: str, storage: str, source: str) -> int:
+    exp = Path(storage) / experiment_name(task)
+    archive = Path(source) / f"{exp.name}.tar.gz"
+    if exp.exists():
+        print(f"{exp} exists already: not overwritten", file=sys.stderr)
+        return 2
+    exp.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(exp.parent, filter="data")
+    print(f"{exp}: unpacked from {archive}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -189,12 +248,24 @@ def main() -> int:
     r.add_argument("task", choices=TASKS)
     r.add_argument("--storage", required=True)
     r.add_argument("--cache-dir")
+    p = sub.add_parser("pack", help="archive an experiment without checkpoints, to carry it to the next session")
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--storage", required=True)
+    p.add_argument("--to", required=True, help="folder for <experiment>.tar.gz")
+    u = sub.add_parser("unpack", help="put a packed experiment back under --storage")
+    u.add_argument("task", choices=TASKS)
+    u.add_argument("--storage", required=True)
+    u.add_argument("--from", dest="source", required=True)
     t = sub.add_parser("table")
     t.add_argument("--storage", required=True)
     t.add_argument("--docs", help="copy each task's Pareto and best-so-far plots here")
     args = ap.parse_args()
     if args.cmd == "run":
         return run(args.task, str(Path(args.storage).resolve()), args.cache_dir)
+    if args.cmd == "pack":
+        return pack(args.task, args.storage, args.to)
+    if args.cmd == "unpack":
+        return unpack(args.task, args.storage, args.source)
     return table(args.storage, args.docs)
 
 

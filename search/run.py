@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shlex
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -39,7 +40,7 @@ from distil_core.teacher import resolve_teacher
 
 from . import SearchInterrupted
 from .artifacts import ArtifactStore, upload
-from .space import SearchSpace, base_config, compile_space, defaults_point, load_space, searched_keys
+from .space import SearchSpace, base_config, compile_space, defaults_point, load_space, searched_keys, space_from_dict
 from .storage import META, Experiment, find_experiment, parse_storage
 from .tensorboard import write_experiment_config
 from .trainable import MAIN, RUNG_SCORE, distil_trainable, per_example_schedule
@@ -462,11 +463,38 @@ def resume_search(ref: str, storage: str | None = None, address: str | None = No
     wall0 = time.perf_counter()
     exp = resolve_experiment(ref, storage)
     meta = load_meta(exp.local)
-    space = load_space(meta["space_file"])
+    space = space_from_dict(meta["space"], meta["space_file"])  # as searched, even if the file changed since
+    refill_caches(meta, live)
     previous = exp.local / "summary.json"  # an interrupted run's wall time counts too
     if previous.is_file():
         wall0 -= json.loads(previous.read_text()).get("wall_seconds", 0.0)
     return _fit(exp, meta, space, address or meta.get("address"), live, wall0, tuner="restore")
+
+
+def local_artifact_paths(artifacts: dict[str, Any]) -> list[str]:
+    return [artifacts["train"], *artifacts["dev"].values(), artifacts["outputs"], artifacts["teacher"]]
+
+
+def refill_caches(meta: dict[str, Any], progress: bool) -> None:
+    """Prepare again what a resumed search's trials read from local caches, where any of it is gone (a new
+    machine, a cleaned cache). The caches are named by hashes of their inputs, so the same paths come back;
+    a teacher whose fine-tuning does not reproduce its recorded dev metrics is reported."""
+    artifacts = meta.get("artifacts")
+    if not artifacts or artifacts.get("remote"):  # none (objective mlm), or trials fetch them from storage
+        return
+    paths = local_artifact_paths(artifacts)
+    if all(Path(p).exists() for p in paths if Path(p).is_absolute()):  # a hub id (relative) stays as it is
+        return
+    print("some of this search's prepared caches are gone: preparing them again", file=sys.stderr, flush=True)
+    prep = prepare(config_from_dict(meta["base"]), progress=progress, need_hidden=artifacts["hidden"])
+    again = prep.artifacts()
+    if again is None or local_artifact_paths(again) != paths:
+        raise UserInputError(f"the caches prepared again for {meta['name']} are not the ones it was searched on "
+                             f"(its data, teacher or cache settings changed): start a new search")
+    if again["teacher_metrics"] != artifacts["teacher_metrics"]:
+        print(f"warning: the teacher fine-tuned again scores {again['teacher_metrics']}, the search's teacher scored "
+              f"{artifacts['teacher_metrics']}: trials run from now on distil a slightly different teacher",
+              file=sys.stderr, flush=True)
 
 
 def _fit(exp: Experiment, meta: dict[str, Any], space: SearchSpace, address: str | None, live: bool, wall0: float,

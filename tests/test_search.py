@@ -178,7 +178,7 @@ def test_tiny_search_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_pareto_confirm_and_warm_start(tmp_path):
+def test_pareto_confirm_and_warm_start(tmp_path, capfd):
     from search.run import SearchOptions, run_search, trial_rows
 
     space = write_space(tmp_path, num_samples=3, max_steps=4)
@@ -200,7 +200,7 @@ def test_pareto_confirm_and_warm_start(tmp_path):
     # a confirmation run again (as `resume` does after an interruption) restores its Tuner: nothing re-runs
     import ray
 
-    from search.run import confirm_top_k, load_meta
+    from search.run import confirm_top_k, load_meta, local_artifact_paths, resume_search
     from search.storage import find_experiment
     exp = Path(first["experiment"])
     trials_before = sorted(p.name for p in (exp / "confirm").glob("distil_trainable_*"))
@@ -210,6 +210,19 @@ def test_pareto_confirm_and_warm_start(tmp_path):
     finally:
         ray.shutdown()
     assert again == confirm and sorted(p.name for p in (exp / "confirm").glob("distil_trainable_*")) == trials_before
+    # `resume` on a machine that lost the caches (and the space file): it prepares them again under the same
+    # names, and the trials that run on them (here the confirmation, from scratch) measure what they did
+    meta = load_meta(exp)
+    shutil.rmtree(tmp_path / "cache")
+    shutil.rmtree(exp / "confirm")
+    (exp / "confirm.json").unlink()
+    moved = space.rename(tmp_path / "moved.yaml")
+    capfd.readouterr()
+    resumed = resume_search("mo", storage, live=False)
+    moved.rename(space)
+    assert "preparing them again" in capfd.readouterr().err
+    assert all(Path(p).exists() for p in local_artifact_paths(meta["artifacts"]))
+    assert resumed["confirm"] == confirm
     # warm start: a new search enqueues the earlier experiment's best configurations after the defaults
     study = optuna.load_study(study_name="optuna", storage=f"sqlite:///{Path(first['experiment']) / 'optuna.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
