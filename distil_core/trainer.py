@@ -44,6 +44,8 @@ class EvalEvent:
     checkpoint: Path | None
     train_seconds: float
     examples_seen: int
+    eval_seconds: float = 0.0  # this evaluation's dev pass
+    checkpoint_seconds: float = 0.0  # and its checkpoint's save
 
 
 class Callback(Protocol):
@@ -331,9 +333,11 @@ class Trainer:
 
     def _evaluate_and_checkpoint_main(self, train_logs: dict[str, float],
                                       rank_rng: list | None = None) -> dict[str, float]:
+        t0 = time.perf_counter()
         self.model.eval()
         with torch.no_grad(), autocast(self.device):
             metrics = {f"dev/{k}": float(v) for k, v in self.evaluate_fn(self.model).items()}
+        eval_seconds = time.perf_counter() - t0
         if self.tb:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, self.step)
@@ -342,8 +346,10 @@ class Trainer:
         examples = self.step * self.optim_cfg.batch_size * self.optim_cfg.grad_accum
         self.history.append({"step": self.step, "epoch": epoch, "metrics": metrics, "train": train_logs,
                              "train_seconds": self.train_seconds})
+        t0 = time.perf_counter()
         ckpt = self.save_checkpoint(rank_rng) if self.checkpoint_dir else None
-        event = EvalEvent(self.step, self.total_steps, epoch, metrics, train_logs, ckpt, self.train_seconds, examples)
+        event = EvalEvent(self.step, self.total_steps, epoch, metrics, train_logs, ckpt, self.train_seconds, examples,
+                          eval_seconds, time.perf_counter() - t0)
         for cb in self.callbacks:
             cb.on_evaluate(event)
         return metrics

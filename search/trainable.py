@@ -76,6 +76,7 @@ class TuneReporter:
 
     def __init__(self, main_metric: str, static: dict[str, float], started: float):
         self.main_metric, self.static, self.started = main_metric, static, started
+        self.report_seconds = 0.0  # the previous tune.report: checkpoint copy, and the wait for the driver
 
     def on_evaluate(self, event: EvalEvent) -> None:
         metrics = {k.replace("/", "_"): v for k, v in event.metrics.items()}
@@ -91,11 +92,17 @@ class TuneReporter:
                 "is_final": event.step >= event.total_steps,
                 "examples_seen": event.examples_seen,
                 "train_seconds": event.train_seconds,
+                # where a trial's time goes besides training (bench/trial_overhead.py sums them)
+                "eval_seconds": event.eval_seconds,
+                "checkpoint_seconds": event.checkpoint_seconds,
+                "report_seconds": self.report_seconds,
                 "trial_seconds": time.perf_counter() - self.started,
             }
         )
         checkpoint = tune.Checkpoint.from_directory(str(event.checkpoint)) if event.checkpoint else None
+        t0 = time.perf_counter()
         tune.report(metrics, checkpoint=checkpoint)
+        self.report_seconds = time.perf_counter() - t0
 
 
 def distil_trainable(config: dict[str, Any], base: dict[str, Any], artifacts: dict[str, Any] | None = None,
@@ -121,6 +128,7 @@ def distil_trainable(config: dict[str, Any], base: dict[str, Any], artifacts: di
             "params": size,
             "params_ratio": size / prep.teacher.num_parameters(),
             "started_at": started_at,  # wall clock, to see which trials ran at the same time
+            "setup_seconds": time.perf_counter() - started,  # caches loaded, student built, latencies timed
             # which Ray node ran this (attempt of the) trial: a retried trial may move to another node
             "node_id": ray.get_runtime_context().get_node_id(),
             "node_ip": ray.util.get_node_ip_address(),

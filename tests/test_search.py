@@ -173,6 +173,11 @@ def test_tiny_search_end_to_end(tmp_path):
     for r in rows:
         assert r["last_result"]["params"] > 0 and r["last_result"]["latency_ms"] > 0
         assert "dev_accuracy" in r["last_result"]
+        # and where its time went besides training (bench/trial_overhead.py); a first report has no previous one
+        last = r["last_result"]
+        assert 0 < last["setup_seconds"] and 0 < last["eval_seconds"] and 0 < last["checkpoint_seconds"]
+        assert last["report_seconds"] > 0 if last["training_iteration"] > 1 else last["report_seconds"] == 0
+        assert last["setup_seconds"] + last["train_seconds"] + last["eval_seconds"] < last["trial_seconds"]
     # the teacher was fine-tuned once, before the trials
     assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1
 
