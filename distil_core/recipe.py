@@ -279,6 +279,12 @@ def build_run_student(prep: Prepared) -> tuple[torch.nn.Module, torch.nn.Module 
     return student, projection
 
 
+def seeded_student(prep: Prepared) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The run's student and cosine projection, built right after seeding with cfg.seed (as `distill` does)."""
+    set_seed(prep.cfg.seed)
+    return build_run_student(prep)
+
+
 def distill(
     cfg: Config,
     prep: Prepared | None = None,
@@ -288,6 +294,7 @@ def distill(
     progress: bool = True,
     checkpoint_dir: Path | None = None,
     save_student: bool = True,
+    student: tuple[torch.nn.Module, torch.nn.Module | None] | None = None,
 ) -> dict[str, Any]:
     """Run one distillation into cfg.output.dir; returns (and writes) metrics.json's content.
 
@@ -296,6 +303,8 @@ def distill(
     save_student: write output.dir/student at the end (a trial's last checkpoint already holds it).
     Data-parallel (a torch.distributed process group is up, e.g. on Ray Train): every rank calls this,
     rank 0 alone writes output.dir (on several machines it must be shared storage).
+    student: (student, projection) from `seeded_student(prep)`, for a caller that looks at the student
+    first (a trial times its latency); the run is the same as when distill builds it.
     """
     wall0 = time.perf_counter()
     out = Path(cfg.output.dir)
@@ -308,8 +317,7 @@ def distill(
             raise UserInputError(f"output.dir {out} already holds a run: pass --resume to continue it or --overwrite")
     # Everything that can reject the input runs before output.dir is touched.
     prep = prep or prepare(cfg, progress=progress)
-    set_seed(cfg.seed)
-    student, projection = build_run_student(prep)
+    student, projection = student or seeded_student(prep)
     if main:
         if overwrite and not resume:
             shutil.rmtree(out, ignore_errors=True)

@@ -210,7 +210,9 @@ def measure_latency_ms(model: PreTrainedModel, seq_len: int, batch_size: int = 1
     import time
 
     model = model.to(device).eval()
-    ids = torch.randint(1000 % model.config.vocab_size, model.config.vocab_size, (batch_size, seq_len), device=device)
+    # its own generator: timing a student between its seeded build and its training changes nothing
+    ids = torch.randint(1000 % model.config.vocab_size, model.config.vocab_size, (batch_size, seq_len),
+                        generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     times = []

@@ -22,7 +22,7 @@ import torch
 from ray import tune
 
 from distil_core.config import Config, OptimConfig, apply_overrides, config_from_dict
-from distil_core.recipe import build_run_student, distill
+from distil_core.recipe import distill, seeded_student
 from distil_core.student import measure_latency_ms
 from distil_core.trainer import EvalEvent
 
@@ -114,12 +114,11 @@ def distil_trainable(config: dict[str, Any], base: dict[str, Any], artifacts: di
     scratch = Path(tempfile.mkdtemp(prefix="distil-ckpt-"))  # outside the synced trial folder
     try:
         prep = prepared_for(cfg, artifacts, store)
-        student, _ = build_run_student(prep)
+        student = seeded_student(prep)  # built once: timed here, then trained
         # Student and teacher timed side by side in this trial's process: same threads, same neighbours.
-        latency = measure_latency_ms(student, cfg.data.max_length, repeats=10, device=prep.device)
+        latency = measure_latency_ms(student[0], cfg.data.max_length, repeats=10, device=prep.device)
         teacher_latency = measure_latency_ms(prep.teacher, cfg.data.max_length, repeats=10, device=prep.device)
-        size = student.num_parameters()
-        del student
+        size = student[0].num_parameters()
         main_metric = prep.main_metric
         static = {
             "latency_ms": latency,
@@ -141,15 +140,15 @@ def distil_trainable(config: dict[str, Any], base: dict[str, Any], artifacts: di
         if checkpoint is not None:
             with checkpoint.as_directory() as ckpt_dir:
                 summary = distill(cfg, prep, callbacks=(reporter,), resume=Path(ckpt_dir), progress=False,
-                                  checkpoint_dir=scratch, save_student=False)
+                                  checkpoint_dir=scratch, save_student=False, student=student)
         else:
             summary = distill(cfg, prep, callbacks=(reporter,), overwrite=True, progress=False,
-                              checkpoint_dir=scratch, save_student=False)
+                              checkpoint_dir=scratch, save_student=False, student=student)
         if summary["status"] != "completed":
             raise TrialDiverged(summary["message"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        del prep
+        del prep, student
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

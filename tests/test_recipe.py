@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from distil_core.config import Config, config_from_dict
-from distil_core.recipe import distill, prepare
+from distil_core.recipe import distill, prepare, seeded_student
+from distil_core.student import measure_latency_ms
 from tiny import write_corpus, write_sst2, write_tiny_teacher
 
 
@@ -69,6 +70,14 @@ def test_same_seed_same_metrics(tmp_path):
     b = distill(make_cfg(tmp_path, "b"), progress=False)
     assert [h["metrics"] for h in a["history"]] == [h["metrics"] for h in b["history"]]
     assert [h["train"]["loss/total"] for h in a["history"]] == [h["train"]["loss/total"] for h in b["history"]]
+    # a student built beforehand (as a trial does, to time it first) trains the same
+    cfg = make_cfg(tmp_path, "c")
+    prep = prepare(cfg, progress=False)
+    student = seeded_student(prep)
+    assert measure_latency_ms(student[0], cfg.data.max_length, repeats=2) > 0
+    c = distill(cfg, prep, progress=False, student=student)
+    assert [h["metrics"] for h in a["history"]] == [h["metrics"] for h in c["history"]]
+    assert [h["train"]["loss/total"] for h in a["history"]] == [h["train"]["loss/total"] for h in c["history"]]
 
 
 class StopAfterFirstEval:
