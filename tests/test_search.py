@@ -228,6 +228,7 @@ def test_pareto_confirm_and_warm_start(tmp_path, capfd):
     assert "preparing them again" in capfd.readouterr().err
     assert all(Path(p).exists() for p in local_artifact_paths(meta["artifacts"]))
     assert resumed["confirm"] == confirm
+    check_glue_results_bench(exp, meta, confirm, tmp_path)
     # warm start: a new search enqueues the earlier experiment's best configurations after the defaults
     study = optuna.load_study(study_name="optuna", storage=f"sqlite:///{Path(first['experiment']) / 'optuna.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -237,6 +238,38 @@ def test_pareto_confirm_and_warm_start(tmp_path, capfd):
     study2 = optuna.load_study(study_name="optuna", storage=f"sqlite:///{Path(second['experiment']) / 'optuna.db'}")
     enqueued = [t.params for t in study2.trials]
     assert any(p == best_params for p in enqueued[1:]), (best_params, enqueued)
+
+
+def check_glue_results_bench(exp: Path, meta: dict, confirm: list, tmp_path: Path) -> None:
+    """bench/glue_results.py on a finished, confirmed experiment: the README table's row, and the pack /
+    unpack that carries a search to the next session."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("glue_results", ROOT / "bench" / "glue_results.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.task_result(exp)
+    (defaults,) = [c for c in confirm if c["defaults"]]
+    best = max((c for c in confirm if c["top_k"]), key=lambda c: c["mean"])
+    teacher = meta["teacher"]["metrics"][meta["main_metric"]]
+    assert result["teacher"]["metric"] == teacher and result["trials"] == 3
+    assert result["defaults"]["values"] == defaults["values"] and result["searched_best"]["mean"] == best["mean"]
+    assert result["searched_best"]["retention"] == pytest.approx(best["mean"] / teacher)
+    params = result["searched_best"]["params"]
+    assert 0 < params["non_embedding"] < params["total"] <= meta["teacher"]["params"]
+    assert result["pareto_latency"] and result["gain_points"] == pytest.approx(100 * (best["mean"] - defaults["mean"]))
+    row = bench.markdown([result]).splitlines()[2]
+    assert f"{best['mean']:.4f} +- {best['std']:.4f}" in row and f"{defaults['mean']:.4f} +- " in row
+    # pack leaves the checkpoints out; unpack on "another machine" gives the same trials back
+    bench.experiment_name = lambda task: exp.name
+    assert bench.unfinished_with_checkpoints(exp) == []
+    assert bench.pack("sst2", str(exp.parent), str(tmp_path / "runs")) == 0
+    assert bench.unpack("sst2", str(tmp_path / "elsewhere"), str(tmp_path / "runs")) == 0
+    assert bench.unpack("sst2", str(tmp_path / "elsewhere"), str(tmp_path / "runs")) == 2  # never overwrites
+    copy = tmp_path / "elsewhere" / exp.name
+    assert not list(copy.rglob("checkpoint_*")) and list(exp.rglob("checkpoint_*"))
+    assert json.loads((copy / "confirm.json").read_text()) == confirm
+    assert bench.task_result(copy)["searched_best"]["values"] == best["values"]
 
 
 @pytest.mark.slow
