@@ -8,6 +8,7 @@ folder and uploaded whenever they change; with the prepared artifacts uploaded t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shlex
@@ -47,6 +48,9 @@ from .trainable import MAIN, RUNG_SCORE, distil_trainable, per_example_schedule
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the live view reports trials instead
+# Reading an experiment (status, and Tuner.restore on resume) warns once per trial that has not reported
+# yet, with a FileNotFoundError each: pending trials are expected there.
+logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 OBJECTIVE_METRICS = {"main": (MAIN, "max"), "latency": ("latency_ms", "min"), "params": ("params", "min")}
 
@@ -290,12 +294,8 @@ def save_study(exp: Experiment) -> optuna.Study | None:
 def trial_rows(exp: Path | str) -> list[dict[str, Any]]:
     """One row per trial from Tune's state in an experiment's (local) folder: status (PRUNED for
     ASHA-stopped), overrides, last/best main."""
-    import logging
-
     from ray.tune import ExperimentAnalysis
 
-    # trials that have not reported yet (pending) are expected here, not worth Ray's warning per trial
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     exp = Path(exp)
     state = tune_state_file(exp)
     for attempt in range(10):  # a live search rewrites its state file in place: a read can catch it empty

@@ -330,3 +330,24 @@ def test_status_shows_a_trial_running_as_tune_saved_it(tiny_search, tmp_path, ca
     state_file.write_text("")
     threading.Timer(0.2, state_file.write_text, [text]).start()
     assert len(trial_rows(exp)) == len(statuses)
+
+
+def test_reading_a_search_with_pending_trials_prints_no_ray_warnings(tiny_search, tmp_path):
+    """A trial that has not reported yet is expected mid-search: neither the Tuner.restore of `resume` nor
+    `status` prints Ray's per-trial FileNotFoundError for it (a fresh process, as the CLI is)."""
+    exp = tmp_path / "tiny"
+    shutil.copytree(tiny_search["exp"], exp)
+    pending = next(exp.glob("distil_trainable_*"))
+    for name in ("result.json", "progress.csv"):
+        (pending / name).unlink()
+    script = (
+        "import sys\n"
+        "from ray import tune\n"
+        "from search.cli import main\n"
+        "def distil_trainable(config):  # Tuner.restore checks the trainable's name only\n"
+        "    pass\n"
+        "tune.Tuner.restore(sys.argv[1], trainable=distil_trainable)\n"
+        "sys.exit(main(['status', sys.argv[1]]))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(exp)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Failed to fetch metrics" not in proc.stderr and "FileNotFoundError" not in proc.stderr, proc.stderr
