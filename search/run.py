@@ -420,8 +420,10 @@ def confirm_top_k(exp: Experiment, meta: dict[str, Any], k: int, seeds: int, cal
     results = tuner.fit()
     ranking = []
     for r in runs:
-        by_seed = sorted((res.config["seed"], res.metrics[MAIN]) for res in results  # restored: any order
-                         if res.config["overrides"] == r["overrides"] and res.metrics and res.metrics.get(MAIN) is not None)
+        # restored: any order; interrupted: runs not started yet have no config
+        by_seed = sorted((res.config["seed"], res.metrics[MAIN]) for res in results
+                         if res.config and res.config["overrides"] == r["overrides"] and res.metrics
+                         and res.metrics.get(MAIN) is not None)
         values = [v for _, v in by_seed]
         ranking.append({"trial_id": r["trial_id"], "overrides": r["overrides"], "search_value": r["main"],
                         "defaults": defaults is not None and r["overrides"] == defaults["overrides"],
