@@ -18,8 +18,8 @@ A search takes longer than one working session, and the next session may start o
     python bench/glue_results.py unpack sst2 --storage S --from bench/runs  # at the start of the next
 
 `pack` archives the experiment without its checkpoints (trials that finished do not need them; stop the
-search between trials, so no unfinished trial has one); `run` then resumes it, and `resume` prepares the
-caches again where they are gone (same names, same teacher: its fine-tuning is seeded).
+search between trials, so no unfinished trial has one) and TensorBoard events; `run` then resumes it, and
+`resume` prepares the caches again where they are gone (same names, same teacher: its fine-tuning is seeded).
 """
 from __future__ import annotations
 
@@ -228,7 +228,11 @@ def pack(task: str, storage: str, to: str) -> int:
     archive = Path(to) / f"{exp.name}.tar.gz"
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(archive.name + ".tmp")
-    skip = lambda info: None if Path(info.name).name.startswith("checkpoint_") else info  # noqa: E731
+    def skip(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        # checkpoints, and TensorBoard events (most of the size): neither resume nor `table` reads them
+        name = Path(info.name).name
+        return None if name.startswith(("checkpoint_", "events.out.tfevents")) or name == "tb" else info
+
     with tarfile.open(tmp, "w:gz") as tar:
         tar.add(exp, arcname=exp.name, filter=skip)
     tmp.replace(archive)

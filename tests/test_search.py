@@ -272,6 +272,7 @@ def check_glue_results_bench(exp: Path, meta: dict, confirm: list, tmp_path: Pat
     assert bench.unpack("sst2", str(tmp_path / "elsewhere"), str(tmp_path / "runs")) == 2  # never overwrites
     copy = tmp_path / "elsewhere" / exp.name
     assert not list(copy.rglob("checkpoint_*")) and list(exp.rglob("checkpoint_*"))
+    assert not list(copy.rglob("events.out.tfevents*")) and list(exp.rglob("events.out.tfevents*"))
     assert json.loads((copy / "confirm.json").read_text()) == confirm
     assert bench.task_result(copy)["searched_best"]["values"] == best["values"]
 
