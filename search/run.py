@@ -418,21 +418,20 @@ def confirm_top_k(exp: Experiment, meta: dict[str, Any], k: int, seeds: int, cal
             run_config=run_config(meta, "confirm", exp.tune_path, callbacks, exp.fs),
         )
     results = tuner.fit()
+    # stopped before the end (runs not started have no config yet): nothing to rank
+    if results.num_terminated + results.num_errors < len(runs) * seeds:
+        raise SearchInterrupted(f"confirmation interrupted; finish it with: distil-search resume {exp.name} "
+                                f"--storage {shlex.quote(str(exp.storage))}")
     ranking = []
     for r in runs:
-        # restored: any order; interrupted: runs not started yet have no config
-        by_seed = sorted((res.config["seed"], res.metrics[MAIN]) for res in results
-                         if res.config and res.config["overrides"] == r["overrides"] and res.metrics
-                         and res.metrics.get(MAIN) is not None)
+        by_seed = sorted((res.config["seed"], res.metrics[MAIN]) for res in results  # restored: any order
+                         if res.config["overrides"] == r["overrides"] and res.metrics and res.metrics.get(MAIN) is not None)
         values = [v for _, v in by_seed]
         ranking.append({"trial_id": r["trial_id"], "overrides": r["overrides"], "search_value": r["main"],
                         "defaults": defaults is not None and r["overrides"] == defaults["overrides"],
                         "top_k": r in top, "seeds": [s for s, _ in by_seed], "values": values, "mean": statistics.fmean(values) if values else None,
                         "std": statistics.stdev(values) if len(values) > 1 else 0.0})
     ranking.sort(key=lambda x: -1e9 if x["mean"] is None else x["mean"], reverse=True)
-    if results.num_terminated + results.num_errors < len(runs) * seeds:  # stopped before the end
-        raise SearchInterrupted(f"confirmation interrupted; finish it with: distil-search resume {exp.name} "
-                                f"--storage {shlex.quote(str(exp.storage))}")
     _write(exp, "confirm.json", ranking)
     return ranking
 
