@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("space", help="a space file, or a preset name: quickstart, sst2, glue-small, distilbert")
     run.add_argument("--task", help="GLUE task, overriding the space's data.task")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a key of the space's base config, e.g. --set data.train_limit=null (repeatable)")
+                     help="set a key of the space's base config, e.g. --set data.train_limit=null; a searched key is "
+                          "then fixed, e.g. --set student.num_layers=3 searches 3-layer students (repeatable)")
     run.add_argument("--data-dir", help="GLUE folder (default $GLUE_DIR, else the hub)")
     run.add_argument("--teacher", help="hub id, local folder or minilm-l6")
     run.add_argument("--cache-dir", help="cache root shared by the trials (on a cluster: shared storage)")

@@ -41,7 +41,8 @@ from distil_core.teacher import resolve_teacher
 
 from . import SearchInterrupted
 from .artifacts import ArtifactStore, upload
-from .space import SearchSpace, base_config, compile_space, defaults_point, load_space, searched_keys, space_from_dict
+from .space import (SearchSpace, base_config, compile_space, defaults_point, fix_keys, load_space, searched_keys,
+                    space_from_dict)
 from .storage import META, Experiment, find_experiment, parse_storage
 from .tensorboard import write_experiment_config
 from .trainable import MAIN, RUNG_SCORE, distil_trainable, per_example_schedule
@@ -212,7 +213,7 @@ def run_config(meta: dict[str, Any], name: str, storage_path: str, callbacks: li
 
 def prepare_search(opts: SearchOptions) -> tuple[SearchSpace, dict[str, Any]]:
     """Read the space, fill every cache the trials read (data, teacher, teacher outputs), describe the search."""
-    space = load_space(opts.space)
+    space = fix_keys(load_space(opts.space), opts.overrides)  # --set on a searched key takes it out of the search
     overrides = dict(opts.overrides)
     for key, value in (("data.task", opts.task), ("data.data_dir", opts.data_dir), ("teacher.name", opts.teacher),
                        ("cache_dir", opts.cache_dir)):

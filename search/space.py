@@ -355,6 +355,26 @@ def load_space(path: str | Path) -> SearchSpace:
     return space_from_dict(raw, path)
 
 
+def fix_keys(space: SearchSpace, values: dict[str, Any]) -> SearchSpace:
+    """The space with the searched keys among `values` (dotted, from --set) taken out of the search and set in
+    its base: `--set student.num_layers=3` searches 3-layer students. Other keys are left to base_config."""
+    fixed = {k: v for k, v in values.items() if k in space.params}
+    if not fixed:
+        return space
+    if HEADS in fixed and space.params[HEADS].kind == "derived" and HIDDEN not in fixed:
+        raise UserInputError(f"{_where(space.path)}: --set {HEADS}: it is derived from the searched {HIDDEN} "
+                             f"(the teacher's head size); set {HIDDEN} too, or search {HEADS} as a choice")
+    raw = yaml.safe_load(yaml.safe_dump(space.raw))
+    raw["search"] = {k: v for k, v in (raw.get("search") or {}).items() if k not in fixed}
+    if not raw["search"]:
+        raise UserInputError(f"{_where(space.path)}: --set {', '.join(fixed)}: that leaves no key to search")
+    raw["base"] = apply_overrides(raw.get("base") or {}, fixed)
+    try:
+        return space_from_dict(raw, space.path)
+    except UserInputError as e:
+        raise UserInputError(f"{e} (after --set {', '.join(f'{k}={v}' for k, v in fixed.items())})") from None
+
+
 def base_config(space: SearchSpace, overrides: dict | None = None) -> Config:
     """The base run config with CLI-level overrides (dotted keys) applied."""
     try:

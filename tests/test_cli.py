@@ -74,4 +74,6 @@ def test_bad_inputs_give_one_clear_message(tmp_path, capsys):
     assert_clean_error(main_error(capsys, "run", "quickstart", "--set", "optim.lr", "--storage", e), "KEY=VALUE")
     assert_clean_error(main_error(capsys, "run", "quickstart", "--set", "loss.temperature=-1", "--storage", e),
                        "quickstart.yaml", "loss.temperature")
+    assert_clean_error(main_error(capsys, "run", "quickstart", "--set", "student.num_heads=4", "--storage", e),
+                       "quickstart.yaml", "student.num_heads", "derived")
     assert not (tmp_path / "e").exists()

@@ -148,13 +148,19 @@ def cli(*args, **kw):
 
 @pytest.mark.slow
 def test_tiny_search_end_to_end(tmp_path):
-    from search.run import SearchOptions, run_search, trial_rows
+    from search.run import SearchOptions, load_meta, run_search, trial_rows
+    from search.trainable import trial_config
 
     space = write_space(tmp_path)
-    summary = run_search(SearchOptions(space=str(space), name="tiny", storage=str(tmp_path / "exp"), live=False))
+    # --set on a searched key fixes it: 1-layer students only (the other keys are still searched)
+    summary = run_search(SearchOptions(space=str(space), name="tiny", storage=str(tmp_path / "exp"), live=False,
+                                       overrides={"student.num_layers": 1}))
     exp = Path(summary["experiment"])
     rows = trial_rows(exp)
     assert len(rows) == 4 and all(r["status"] in ("TERMINATED", "PRUNED") for r in rows)
+    meta = load_meta(exp)
+    assert meta["base"]["student"]["num_layers"] == 1 and "student.num_layers" not in meta["space"]["search"]
+    assert all(trial_config(meta["base"], {"overrides": r["overrides"]}, tmp_path).student.num_layers == 1 for r in rows)  # as each trial builds it
     assert summary["best"]["main"] is not None and summary["teacher"]["latency_ms"] > 0
     # the DistilBERT defaults are the first trial
     first = rows[0]["overrides"]

@@ -17,7 +17,7 @@ from transformers import AutoConfig, BertConfig
 from distil_core.config import apply_overrides, config_from_dict
 from distil_core.errors import UserInputError
 from distil_core.student import spec_from_config, student_config
-from search.space import (base_config, compile_space, defaults_point, load_space, searched_keys,
+from search.space import (base_config, compile_space, defaults_point, fix_keys, load_space, searched_keys,
                           space_file, space_from_dict)
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -210,6 +210,33 @@ def test_base_config_file_and_override(tmp_path):
     cfg = base_config(space)
     assert (cfg.data.train_limit, cfg.optim.lr, cfg.optim.batch_size) == (100, 1e-4, 8)
     assert space.tune.num_samples == 8 and space.tune.objectives == ("main",)
+
+
+def test_set_on_a_searched_key_fixes_it(minilm):
+    """`run --set student.num_layers=3`: a per-depth search. The key leaves the search (and the space saved for
+    `resume`), its value goes into the base, and every trial, the DistilBERT defaults first, has it."""
+    space = load_space(SPACES / "glue-small.yaml")
+    fixed = fix_keys(space, {"student.num_layers": 3, "loss.alpha_cos": 0.0, "data.train_limit": 100})
+    assert "student.num_layers" not in fixed.params and "loss.alpha_cos" not in fixed.raw["search"]
+    assert set(space.params) - set(fixed.params) == {"student.num_layers", "loss.alpha_cos"}
+    assert space_from_dict(fixed.raw, fixed.path).params.keys() == fixed.params.keys()  # what resume reloads
+    cfg = base_config(fixed)
+    assert (cfg.student.num_layers, cfg.loss.alpha_cos, cfg.data.train_limit) == (3, 0.0, 8000)  # the rest: base_config
+    point = defaults_point(fixed, minilm)
+    _, results = run(fixed, minilm, optuna.samplers.RandomSampler(seed=0), 40, first=point)
+    cfgs = [check_valid(fixed, minilm, ov) for ov in results]
+    assert all(c.student.num_layers == 3 and c.loss.alpha_cos == 0.0 for c in cfgs)
+    assert all(c.loss.alpha_kd + c.loss.alpha_hard == pytest.approx(1.0) for c in cfgs)  # the searched two, normalised
+    assert cfgs[0].student.init == "teacher-layers" and cfgs[0].loss.temperature == 2.0
+    assert {c.student.hidden_size for c in cfgs} > {384}  # the rest is still searched
+    assert fix_keys(space, {"data.train_limit": 100}) is space
+    with pytest.raises(UserInputError, match="student.num_heads.*derived"):  # added because hidden_size is searched
+        fix_keys(space, {"student.num_heads": 4})
+    with pytest.raises(UserInputError, match="glue-small.yaml.*no key to search"):
+        fix_keys(space_from_dict({"search": {"optim.lr": {"log_uniform": [1e-5, 1e-3]}}},
+                                 SPACES / "glue-small.yaml"), {"optim.lr": 1e-4})
+    with pytest.raises(UserInputError, match="normalize_alphas.*after --set loss.alpha_kd=0.5, loss.alpha_hard=0.5"):
+        fix_keys(space, {"loss.alpha_kd": 0.5, "loss.alpha_hard": 0.5})
 
 
 SEARCH_OK = {"optim.lr": {"log_uniform": [1e-5, 1e-3]}}
