@@ -12,6 +12,11 @@ preset's seeded 8,000-example subset; MRPC, CoLA and STS-B on their full train s
 every finished task and writes glue_results.json and glue_results.md under the storage folder, plus the
 report plots (Pareto front against latency, best so far) as docs/glue-<task>-*.png.
 
+`--layers N` (run, pack, unpack) is a per-depth search, experiment `glue-small-<task>-<N>l`: the same search
+and confirmation with `--set student.num_layers=N`, for the best student of one depth (one objective,
+dev metric, sends TPE to the deepest students; the issue's SST-2 targets are per depth). `table` lists
+the per-depth searches it finds after the tasks.
+
 A search takes longer than one working session, and the next session may start on a new machine:
 
     python bench/glue_results.py pack sst2 --storage S --to bench/runs    # at the end of a session
@@ -35,14 +40,15 @@ from typing import Any
 
 TASKS = ("sst2", "mrpc", "cola", "stsb")
 FULL_TRAIN = ("mrpc", "cola", "stsb")  # the issue asks for full train sets; SST-2 keeps the 8k subset
+DEPTHS = (1, 2, 3, 4)  # glue-small's student.num_layers range, for per-depth searches (--layers)
 
 
-def experiment_name(task: str) -> str:
-    return f"glue-small-{task}"
+def experiment_name(task: str, layers: int | None = None) -> str:
+    return f"glue-small-{task}" + (f"-{layers}l" if layers else "")
 
 
-def run(task: str, storage: str, cache_dir: str | None) -> int:
-    exp = Path(storage) / experiment_name(task)
+def run(task: str, storage: str, cache_dir: str | None, layers: int | None = None) -> int:
+    exp = Path(storage) / experiment_name(task, layers)
     cli = [sys.executable, "-m", "search.cli"]
     if (exp / "distil_search.json").is_file():
         if (exp / "confirm.json").is_file():
@@ -56,6 +62,8 @@ def run(task: str, storage: str, cache_dir: str | None) -> int:
             cmd += ["--cache-dir", cache_dir]
         if task in FULL_TRAIN:
             cmd += ["--set", "data.train_limit=null"]
+        if layers:  # a per-depth search: the best student of this depth (the defaults trial at this depth too)
+            cmd += ["--set", f"student.num_layers={layers}"]
     print(" ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
@@ -153,7 +161,7 @@ def other_seeds(x: dict[str, Any]) -> str:
     return f" (seeds the search did not use: {o['mean']:.4f})" if o else ""
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
+def markdown(results: list[dict[str, Any]], per_depth: list[dict[str, Any]] | None = None) -> str:
     lines = ["| task (dev metric) | teacher | defaults, 3 seeds | searched best, 3 seeds | retention | "
              "parameters (non-embedding) | CPU latency vs teacher | trials (pruned) | wall |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -175,26 +183,43 @@ def markdown(results: list[dict[str, Any]]) -> str:
                              f"{x['params']['total']:,} parameters, {x['speedup']:.1f}x faster")
         front = ", ".join(f"{x['search_value']:.4f} at {x['latency_ms']:.1f} ms" for x in r["pareto_latency"])
         lines.append(f"- {r['task']} Pareto front: {front}")
+    if per_depth:
+        lines += ["", "Per-depth searches (`run TASK --layers N`: the same search with student.num_layers fixed; "
+                  "its defaults trial is the DistilBERT defaults at that depth), 3 seeds:", ""]
+    for r in per_depth or []:
+        d, s = r["defaults"], r["searched_best"]
+        lines.append(f"- {r['task']} {r['layers']}-layer search: searched best {s['mean']:.4f} +- {s['std']:.4f}"
+                     f"{other_seeds(s)}, retention {pct(s['retention'])}, {s['params']['total']:,} parameters, "
+                     f"{s['speedup']:.1f}x faster; defaults at {r['layers']} layers {d['mean']:.4f} +- {d['std']:.4f}; "
+                     f"{r['trials']} trials ({r['pruned']} pruned), {r['wall_seconds'] / 3600:.1f} h")
     return "\n".join(lines) + "\n"
 
 
 def table(storage: str, docs: str | None) -> int:
     from search.report import write_report
 
-    results = []
+    results, per_depth = [], []
     for task in TASKS:
         exp = Path(storage) / experiment_name(task)
         result = task_result(exp) if exp.is_dir() else None
         if result is None:
             print(f"{task}: not finished ({exp})")
-            continue
-        results.append(result)
-        if docs:
-            report = write_report(exp).parent
-            for plot in ("pareto_latency", "best_so_far"):
-                shutil.copy(report / f"{plot}.png", Path(docs) / f"glue-{task}-{plot.replace('_', '-')}.png")
-    Path(storage, "glue_results.json").write_text(json.dumps(results, indent=2, default=str))
-    text = markdown(results)
+        else:
+            results.append(result)
+            if docs:
+                report = write_report(exp).parent
+                for plot in ("pareto_latency", "best_so_far"):
+                    shutil.copy(report / f"{plot}.png", Path(docs) / f"glue-{task}-{plot.replace('_', '-')}.png")
+        for layers in DEPTHS:
+            depth_exp = Path(storage) / experiment_name(task, layers)
+            depth = task_result(depth_exp) if depth_exp.is_dir() else None
+            if depth:
+                per_depth.append({**depth, "layers": layers})
+            elif depth_exp.is_dir():
+                print(f"{task} {layers}-layer search: not finished ({depth_exp})")
+    Path(storage, "glue_results.json").write_text(json.dumps({"tasks": results, "per_depth": per_depth}, indent=2,
+                                                             default=str))
+    text = markdown(results, per_depth)
     Path(storage, "glue_results.md").write_text(text)
     print(text)
     return 0
@@ -214,8 +239,8 @@ def unfinished_with_checkpoints(exp: Path) -> list[str]:
     return found
 
 
-def pack(task: str, storage: str, to: str) -> int:
-    exp = Path(storage) / experiment_name(task)
+def pack(task: str, storage: str, to: str, layers: int | None = None) -> int:
+    exp = Path(storage) / experiment_name(task, layers)
     if not (exp / "distil_search.json").is_file():
         print(f"{exp}: no experiment to pack", file=sys.stderr)
         return 2
@@ -240,8 +265,8 @@ def pack(task: str, storage: str, to: str) -> int:
     return 0
 
 
-def unpack(task: str, storage: str, source: str) -> int:
-    exp = Path(storage) / experiment_name(task)
+def unpack(task: str, storage: str, source: str, layers: int | None = None) -> int:
+    exp = Path(storage) / experiment_name(task, layers)
     archive = Path(source) / f"{exp.name}.tar.gz"
     if exp.exists():
         print(f"{exp} exists already: not overwritten", file=sys.stderr)
@@ -257,27 +282,26 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("task", choices=TASKS)
-    r.add_argument("--storage", required=True)
     r.add_argument("--cache-dir")
     p = sub.add_parser("pack", help="archive an experiment without checkpoints, to carry it to the next session")
-    p.add_argument("task", choices=TASKS)
-    p.add_argument("--storage", required=True)
     p.add_argument("--to", required=True, help="folder for <experiment>.tar.gz")
     u = sub.add_parser("unpack", help="put a packed experiment back under --storage")
-    u.add_argument("task", choices=TASKS)
-    u.add_argument("--storage", required=True)
     u.add_argument("--from", dest="source", required=True)
+    for cmd in (r, p, u):
+        cmd.add_argument("task", choices=TASKS)
+        cmd.add_argument("--storage", required=True)
+        cmd.add_argument("--layers", type=int, choices=DEPTHS,
+                         help="a per-depth search: the same search with student.num_layers fixed at N")
     t = sub.add_parser("table")
     t.add_argument("--storage", required=True)
     t.add_argument("--docs", help="copy each task's Pareto and best-so-far plots here")
     args = ap.parse_args()
     if args.cmd == "run":
-        return run(args.task, str(Path(args.storage).resolve()), args.cache_dir)
+        return run(args.task, str(Path(args.storage).resolve()), args.cache_dir, args.layers)
     if args.cmd == "pack":
-        return pack(args.task, args.storage, args.to)
+        return pack(args.task, args.storage, args.to, args.layers)
     if args.cmd == "unpack":
-        return unpack(args.task, args.storage, args.source)
+        return unpack(args.task, args.storage, args.source, args.layers)
     return table(args.storage, args.docs)
 
 

@@ -270,8 +270,19 @@ def check_glue_results_bench(exp: Path, meta: dict, confirm: list, tmp_path: Pat
     row = bench.markdown([result]).splitlines()[2]
     assert f"{best['mean']:.4f} +- {best['std']:.4f} (seeds the search did not use: {other[0]:.4f})" in row
     assert f"{defaults['mean']:.4f} +- " in row
+    # a per-depth search (`run sst2 --layers 2`): its own experiment, `--set student.num_layers=2`, its own lines
+    calls = []
+    call, bench.subprocess.call = bench.subprocess.call, calls.append
+    try:
+        bench.run("sst2", str(tmp_path / "none"), None, layers=2)
+    finally:
+        bench.subprocess.call = call
+    assert calls[0][calls[0].index("--name") + 1] == "glue-small-sst2-2l" and "student.num_layers=2" in calls[0]
+    depth_line = bench.markdown([], [{**result, "layers": 2}]).splitlines()[-1]
+    assert depth_line.startswith(f"- sst2 2-layer search: searched best {best['mean']:.4f} +- {best['std']:.4f}")
+    assert f"defaults at 2 layers {defaults['mean']:.4f}" in depth_line
     # pack leaves the checkpoints out; unpack on "another machine" gives the same trials back
-    bench.experiment_name = lambda task: exp.name
+    bench.experiment_name = lambda task, layers=None: exp.name
     assert bench.unfinished_with_checkpoints(exp) == []
     assert bench.pack("sst2", str(exp.parent), str(tmp_path / "runs")) == 0
     assert bench.unpack("sst2", str(tmp_path / "elsewhere"), str(tmp_path / "runs")) == 0
