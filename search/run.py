@@ -522,10 +522,12 @@ def _fit(exp: Experiment, meta: dict[str, Any], space: SearchSpace, address: str
                                     f"{meta['tune']['num_samples']} trials; finish it with: distil-search resume "
                                     f"{exp.name} --storage {shlex.quote(str(exp.storage))}")
         if meta.get("confirm_top_k"):
-            with view:
-                summary["confirm"] = confirm_top_k(exp, meta, meta["confirm_top_k"], meta["seeds"], [view])
-            summary["wall_seconds"] = time.perf_counter() - wall0
-            _write(exp, "summary.json", summary)
+            try:
+                with view:
+                    summary["confirm"] = confirm_top_k(exp, meta, meta["confirm_top_k"], meta["seeds"], [view])
+            finally:  # an interrupted confirmation's time counts too: `resume` adds to it
+                summary["wall_seconds"] = time.perf_counter() - wall0
+                _write(exp, "summary.json", summary)
         return summary
     finally:
         if started:

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -189,7 +190,7 @@ def test_tiny_search_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_pareto_confirm_and_warm_start(tmp_path, capfd):
+def test_pareto_confirm_and_warm_start(tmp_path, capfd, monkeypatch):
     from search.run import SearchOptions, run_search, trial_rows
 
     space = write_space(tmp_path, num_samples=3, max_steps=4)
@@ -221,6 +222,23 @@ def test_pareto_confirm_and_warm_start(tmp_path, capfd):
     finally:
         ray.shutdown()
     assert again == confirm and sorted(p.name for p in (exp / "confirm").glob("distil_trainable_*")) == trials_before
+    # a confirmation interrupted (Ctrl-C between its runs) keeps its wall time in summary.json for `resume` to add to
+    import search.run
+    from search import SearchInterrupted
+
+    def wall() -> float:
+        return json.loads((exp / "summary.json").read_text())["wall_seconds"]
+
+    before_confirm = []
+    def interrupted(*args):
+        before_confirm.append(wall())  # as the search phase left it
+        time.sleep(2)
+        raise SearchInterrupted("confirmation interrupted")
+    monkeypatch.setattr(search.run, "confirm_top_k", interrupted)
+    with pytest.raises(SearchInterrupted):
+        resume_search("mo", storage, live=False)
+    monkeypatch.undo()
+    assert wall() >= before_confirm[0] + 2
     # `resume` on a machine that lost the caches (and the space file): it prepares them again under the same
     # names, and the trials that run on them (here the confirmation, from scratch) measure what they did
     meta = load_meta(exp)
