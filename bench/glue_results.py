@@ -128,7 +128,7 @@ def task_result(exp: Path) -> dict[str, Any] | None:
         best = max(rs, key=lambda r: r["main"], default=None)
         return describe(best, confirmed.get(best["trial_id"])) if best else None
 
-    front = sorted(pareto_front(rows, ["main", "latency"]), key=lambda r: r["last_result"]["latency_ms"])
+    front = sorted(pareto_front(rows, ["main", "latency"]), key=lambda r: -r["last_result"]["speedup"])
     result = {
         "task": meta["base"]["data"]["task"],
         "experiment": str(exp),
@@ -181,8 +181,8 @@ def markdown(results: list[dict[str, Any]], per_depth: list[dict[str, Any]] | No
                 value = f"{x['mean']:.4f} +- {x['std']:.4f} (3 seeds)" if "mean" in x else f"{x['search_value']:.4f}"
                 lines.append(f"- {r['task']} {label}: {value}, retention {pct(x['retention'])}, "
                              f"{x['params']['total']:,} parameters, {x['speedup']:.1f}x faster")
-        front = ", ".join(f"{x['search_value']:.4f} at {x['latency_ms']:.1f} ms" for x in r["pareto_latency"])
-        lines.append(f"- {r['task']} Pareto front: {front}")
+        front = ", ".join(f"{x['search_value']:.4f} at {x['speedup']:.2f}x" for x in r["pareto_latency"])
+        lines.append(f"- {r['task']} Pareto front (metric, speed-up over the teacher timed beside it): {front}")
     if per_depth:
         lines += ["", "Per-depth searches (`run TASK --layers N`: the same search with student.num_layers fixed; "
                   "its defaults trial is the DistilBERT defaults at that depth), 3 seeds:", ""]

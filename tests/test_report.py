@@ -19,9 +19,10 @@ def assert_png(path: Path) -> None:
 
 
 def row(tid, main, params, latency, status="TERMINATED", **over):
-    last = {"main": main, "params": params, "latency_ms": latency}
+    speedup = 10.0 / latency if latency else None  # a teacher timed at 10 ms beside each student
+    last = {"main": main, "params": params, "latency_ms": latency, "speedup": speedup}
     return {"trial_id": tid, "status": status, "main": main, "params": params, "latency_ms": latency,
-            "speedup": 2.0, "overrides": over, "last_result": last}
+            "speedup": speedup, "overrides": over, "last_result": last}
 
 
 def test_best_so_far_sums_every_trials_steps_in_arrival_order():
@@ -43,7 +44,13 @@ def test_pareto_front_keeps_finished_trials_nothing_beats(tmp_path):
             row("F", None, None, None, status="ERROR")]
     front = plot_pareto(rows, "params", rows[0], (30, 0.9), tmp_path / "p.png", "accuracy", "parameters")
     assert [r["trial_id"] for r in front] == ["C", "A", "B"]  # sorted by parameters, as connected
-    front = plot_pareto(rows, "latency_ms", None, (12.0, 0.9), tmp_path / "l.png", "accuracy", "latency")
+    front = plot_pareto(rows, "latency", None, (1.0, 0.9), tmp_path / "l.png", "accuracy", "latency")
+    assert [r["trial_id"] for r in front] == ["D", "A", "B"]
+    # latency is judged against the teacher timed beside each student: a student timed in a slow moment, its
+    # teacher slow too, is as fast as it is
+    busy = row("A", 0.80, 10, 50.0)  # A timed 10x slower, beside a teacher timed 10x slower
+    busy["speedup"] = busy["last_result"]["speedup"] = 2.0
+    front = plot_pareto([busy, *rows[1:]], "latency", None, (1.0, 0.9), tmp_path / "l.png", "accuracy", "latency")
     assert [r["trial_id"] for r in front] == ["D", "A", "B"]
     assert_png(tmp_path / "p.png")
     assert_png(tmp_path / "l.png")

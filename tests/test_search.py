@@ -38,6 +38,24 @@ def test_stopped_trial_is_told_as_pruned_with_its_last_value():
     assert searcher._ot_study.trials[1].value == 0.9
 
 
+def test_a_trial_removes_the_scratch_folders_of_trials_killed_before_cleaning_up(tmp_path, monkeypatch):
+    import tempfile
+
+    from search.trainable import SCRATCH_PREFIX, trial_scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    dead = tmp_path / f"{SCRATCH_PREFIX}{ended.pid}-abc"
+    live = tmp_path / f"{SCRATCH_PREFIX}{os.getppid()}-def"  # a running process (this one's parent)
+    other = tmp_path / f"{SCRATCH_PREFIX}notapid"  # not named by this code's rule: left alone
+    for d in (dead, live, other):
+        (d / "checkpoint-1").mkdir(parents=True)
+    mine = trial_scratch()
+    assert not dead.exists() and live.exists() and other.exists()
+    assert mine.parent == tmp_path and mine.name.startswith(f"{SCRATCH_PREFIX}{os.getpid()}-")
+
+
 def test_live_view_prints_one_line_per_finished_trial(capsys):
     from types import SimpleNamespace
 
