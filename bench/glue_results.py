@@ -253,10 +253,21 @@ def pack(task: str, storage: str, to: str, layers: int | None = None) -> int:
     archive = Path(to) / f"{exp.name}.tar.gz"
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(archive.name + ".tmp")
+    from search.run import tune_state_file
+
+    # Tune writes a new state file per run of a search and restores from the newest (tune_state_file)
+    newest = {exp.name / state.relative_to(exp) for folder in (exp, exp / "confirm")
+              if (state := tune_state_file(folder) if folder.is_dir() else None)}
+
     def skip(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        # checkpoints, and TensorBoard events (most of the size): neither resume nor `table` reads them
-        name = Path(info.name).name
-        return None if name.startswith(("checkpoint_", "events.out.tfevents")) or name == "tb" else info
+        # checkpoints, TensorBoard events, superseded Tune states and the report (which `table` writes
+        # again): neither resume nor `table` reads them, and they are most of the size
+        path = Path(info.name)
+        if path.name.startswith(("checkpoint_", "events.out.tfevents")) or path.name == "tb":
+            return None
+        if path == Path(exp.name, "report") or (path.name.startswith("experiment_state-") and path not in newest):
+            return None
+        return info
 
     with tarfile.open(tmp, "w:gz") as tar:
         tar.add(exp, arcname=exp.name, filter=skip)

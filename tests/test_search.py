@@ -320,12 +320,21 @@ def check_glue_results_bench(exp: Path, meta: dict, confirm: list, tmp_path: Pat
     # pack leaves the checkpoints out; unpack on "another machine" gives the same trials back
     bench.experiment_name = lambda task, layers=None: exp.name
     assert bench.unfinished_with_checkpoints(exp) == []
+    from search.report import write_report
+
+    write_report(exp)
     assert bench.pack("sst2", str(exp.parent), str(tmp_path / "runs")) == 0
     assert bench.unpack("sst2", str(tmp_path / "elsewhere"), str(tmp_path / "runs")) == 0
     assert bench.unpack("sst2", str(tmp_path / "elsewhere"), str(tmp_path / "runs")) == 2  # never overwrites
     copy = tmp_path / "elsewhere" / exp.name
     assert not list(copy.rglob("checkpoint_*")) and list(exp.rglob("checkpoint_*"))
     assert not list(copy.rglob("events.out.tfevents*")) and list(exp.rglob("events.out.tfevents*"))
+    # only the Tune state each folder restores from; the report is written again by `table`
+    assert len(list(exp.glob("experiment_state-*.json"))) > 1  # the search was resumed
+    for folder in (exp, exp / "confirm"):
+        kept = sorted(p.name for p in (copy / folder.relative_to(exp)).glob("experiment_state-*.json"))
+        assert kept == [max(p.name for p in folder.glob("experiment_state-*.json"))]
+    assert any((exp / "report").iterdir()) and not (copy / "report").exists()
     assert json.loads((copy / "confirm.json").read_text()) == confirm
     assert bench.task_result(copy)["searched_best"]["values"] == best["values"]
 
