@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from scipy.special import softmax
+from sklearn.dummy import DummyClassifier
 from sklearn.metrics import accuracy_score, f1_score, log_loss, matthews_corrcoef, mean_squared_error
 
 from distil_core.errors import UserInputError
@@ -97,6 +98,17 @@ def compute_metrics(task: str | Task, predictions, labels) -> dict[str, float]:
     if task.name in ("mrpc", "qqp"):
         out["f1"] = float(f1_score(labels, preds))
     return out
+
+
+def majority_baseline(task: str | Task, train_labels, dev_labels) -> dict[str, float] | None:
+    """Dev metrics of always predicting the train split's most frequent class: the score a student must
+    beat to have learnt anything (MRPC's F1 of it is 0.81). None for regression, where a constant has no
+    correlation."""
+    task = get_task(task)
+    if task.is_regression:
+        return None
+    always = DummyClassifier(strategy="most_frequent").fit(np.zeros((len(train_labels), 1)), train_labels)
+    return compute_metrics(task, always.predict(np.zeros((len(dev_labels), 1))), dev_labels)
 
 
 def prediction_loss(task: str | Task, logits, labels) -> float:

@@ -20,7 +20,7 @@ from distil_core import data
 from distil_core.data import (load_corpus, load_glue, mlm_collator, task_collator, tokenize_corpus, tokenize_task,
                               train_subset)
 from distil_core.errors import UserInputError
-from distil_core.tasks import TASKS, compute_metrics, get_task, prediction_loss
+from distil_core.tasks import TASKS, compute_metrics, get_task, majority_baseline, prediction_loss
 
 WORDS = "the a cat dog sat on mat is good bad movie he said hi she runs fast slow question answer why what".split()
 
@@ -447,3 +447,12 @@ def test_tokenize_corpus_and_mlm_collator(tmp_path):
     assert (batch["input_ids"][masked] == tok.mask_token_id).float().mean().item() == pytest.approx(0.8, abs=0.08)
     assert (batch["input_ids"][~masked] != tok.mask_token_id).all()
     assert batch["idx"].tolist() == list(range(64))
+
+
+def test_majority_baseline_is_the_constant_predictor_of_the_train_majority():
+    # train is mostly 1, dev mostly 0: the baseline predicts train's majority, not dev's
+    train, dev = [1, 1, 1, 0], [0, 0, 0, 1]
+    assert majority_baseline("mrpc", train, dev) == {"accuracy": 0.25, "f1": pytest.approx(0.4)}
+    assert majority_baseline("sst2", [0, 0, 1], dev) == {"accuracy": 0.75}
+    assert majority_baseline("cola", train, dev) == {"matthews_correlation": 0.0}
+    assert majority_baseline("stsb", [0.5, 4.0], [1.0, 2.0]) is None
