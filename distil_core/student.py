@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -207,21 +208,31 @@ def describe_student(model: PreTrainedModel, seq_len: int) -> dict:
 def measure_latency_ms(model: PreTrainedModel, seq_len: int, batch_size: int = 1, repeats: int = 20,
                        device: torch.device | str = "cpu") -> float:
     """Median forward time in ms of one batch of `batch_size` x `seq_len` tokens (after warm-up)."""
+    return measure_latencies_ms([model], seq_len, batch_size, repeats, device)[0]
+
+
+def measure_latencies_ms(models: Sequence[PreTrainedModel], seq_len: int, batch_size: int = 1, repeats: int = 20,
+                         device: torch.device | str = "cpu") -> list[float]:
+    """Median forward times in ms of `models`, timed in turn: pass i of every model runs before pass i + 1
+    of any, so a load spike on a shared machine lands on all of them and their ratio stays fair."""
     import time
 
-    model = model.to(device).eval()
-    # its own generator: timing a student between its seeded build and its training changes nothing
-    ids = torch.randint(1000 % model.config.vocab_size, model.config.vocab_size, (batch_size, seq_len),
-                        generator=torch.Generator().manual_seed(0)).to(device)
-    mask = torch.ones_like(ids)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    times = []
+    inputs = []
+    for model in models:
+        model.to(device).eval()
+        # its own generator: timing a student between its seeded build and its training changes nothing
+        ids = torch.randint(1000 % model.config.vocab_size, model.config.vocab_size, (batch_size, seq_len),
+                            generator=torch.Generator().manual_seed(0)).to(device)
+        inputs.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for i in range(repeats + 3):
-            sync()
-            t0 = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask)
-            sync()
-            if i >= 3:  # the first calls pay for allocation and kernel selection
-                times.append((time.perf_counter() - t0) * 1000)
-    return float(sorted(times)[len(times) // 2])
+            for model, batch, kept in zip(models, inputs, times):
+                sync()
+                t0 = time.perf_counter()
+                model(**batch)
+                sync()
+                if i >= 3:  # the first calls pay for allocation and kernel selection
+                    kept.append((time.perf_counter() - t0) * 1000)
+    return [float(sorted(kept)[len(kept) // 2]) for kept in times]

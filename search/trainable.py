@@ -24,7 +24,7 @@ from ray import tune
 
 from distil_core.config import Config, OptimConfig, apply_overrides, config_from_dict
 from distil_core.recipe import distill, seeded_student
-from distil_core.student import measure_latency_ms
+from distil_core.student import measure_latencies_ms
 from distil_core.trainer import EvalEvent
 
 from .artifacts import ArtifactStore, prepared_for
@@ -138,9 +138,9 @@ def distil_trainable(config: dict[str, Any], base: dict[str, Any], artifacts: di
     try:
         prep = prepared_for(cfg, artifacts, store)
         student = seeded_student(prep)  # built once: timed here, then trained
-        # Student and teacher timed side by side in this trial's process: same threads, same neighbours.
-        latency = measure_latency_ms(student[0], cfg.data.max_length, repeats=10, device=prep.device)
-        teacher_latency = measure_latency_ms(prep.teacher, cfg.data.max_length, repeats=10, device=prep.device)
+        # Student and teacher timed in turn in this trial's process: same threads, same neighbours, same spikes.
+        latency, teacher_latency = measure_latencies_ms([student[0], prep.teacher], cfg.data.max_length,
+                                                        repeats=10, device=prep.device)
         size = student[0].num_parameters()
         main_metric = prep.main_metric
         static = {

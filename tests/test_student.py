@@ -276,3 +276,21 @@ def test_measure_latency_orders_small_and_large():
     big = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=256, num_hidden_layers=6,
                                                    num_attention_heads=4, intermediate_size=1024))
     assert 0 < measure_latency_ms(small, 64, repeats=5) < measure_latency_ms(big, 64, repeats=5)
+
+
+def test_measure_latencies_times_models_in_turn():
+    """Pass i of every model runs before pass i + 1 of any: a load spike hits student and teacher alike."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from distil_core.student import measure_latencies_ms
+
+    def tiny(layers: int) -> BertForSequenceClassification:
+        return BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers,
+                                                        num_attention_heads=2, intermediate_size=64))
+
+    models, calls = [tiny(1), tiny(2)], []
+    for name, model in enumerate(models):
+        model.register_forward_pre_hook(lambda *_, name=name: calls.append(name))
+    latencies = measure_latencies_ms(models, 16, repeats=4)
+    assert calls == [0, 1] * 7  # 3 warm-up passes + 4 timed, alternating
+    assert len(latencies) == 2 and all(ms > 0 for ms in latencies)
