@@ -6,11 +6,13 @@ configurations and the defaults re-run on 3 seeds (--confirm-top-k 3 --seeds 3).
 preset's seeded 8,000-example subset; MRPC, CoLA and STS-B on their full train sets.
 
     GLUE_DIR=../shared/data/glue python bench/glue_results.py run sst2 --storage S --cache-dir C
-    python bench/glue_results.py table --storage S [--docs docs]
+    GLUE_DIR=../shared/data/glue python bench/glue_results.py table --storage S [--docs docs]
 
 `run` starts the task's search, or resumes it where an earlier run (or session) stopped. `table` reads
 every finished task and writes glue_results.json and glue_results.md under the storage folder, plus the
-report plots (Pareto front against latency, best so far) as docs/glue-<task>-*.png.
+report plots (Pareto front against latency, best so far) as docs/glue-<task>-*.png. It reads the task's
+data again for the majority-class baseline (always the train split's most frequent label), the score a
+student must beat to have learnt anything.
 
 `--layers N` (run, pack, unpack) is a per-depth search, experiment `glue-small-<task>-<N>l`: the same search
 and confirmation with `--set student.num_layers=N`, for the best student of one depth (one objective,
@@ -88,6 +90,25 @@ def mean_std(values: list[float]) -> dict[str, Any]:
             "values": values}
 
 
+def majority_class(meta: dict[str, Any]) -> dict[str, float] | None:
+    """The majority-class baseline on the run's own train subset and dev split (read from its data
+    config: GLUE_DIR, data_dir or files); None for regression or where the data is not found."""
+    from distil_core.config import DataConfig
+    from distil_core.data import load_run_split
+    from distil_core.errors import UserInputError
+    from distil_core.tasks import get_task, majority_baseline
+
+    data = DataConfig(**meta["base"]["data"])
+    task = get_task(data.task)
+    try:
+        train = load_run_split(data, "train", data.train_limit)["label"]
+        dev = load_run_split(data, task.dev_splits[0], data.dev_limit)["label"]
+    except UserInputError as e:
+        print(f"majority-class baseline left out: {e}", file=sys.stderr)
+        return None
+    return majority_baseline(task, train, dev)
+
+
 def task_result(exp: Path) -> dict[str, Any] | None:
     from search.run import load_meta, pareto_front, trial_rows
 
@@ -135,6 +156,7 @@ def task_result(exp: Path) -> dict[str, Any] | None:
         "metric": metric,
         "teacher": {"metric": teacher, "params": meta["teacher"]["params"],
                     "latency_ms": meta["teacher"]["latency_ms"]},
+        "majority_class": (majority_class(meta) or {}).get(metric),
         "defaults": describe(by_id[defaults["trial_id"]], defaults),
         "searched_best": describe(by_id[searched["trial_id"]], searched),
         "searched_best_is_defaults": searched["defaults"],
@@ -162,15 +184,17 @@ def other_seeds(x: dict[str, Any]) -> str:
 
 
 def markdown(results: list[dict[str, Any]], per_depth: list[dict[str, Any]] | None = None) -> str:
-    lines = ["| task (dev metric) | teacher | defaults, 3 seeds | searched best, 3 seeds | retention | "
-             "parameters (non-embedding) | CPU latency vs teacher | trials (pruned) | wall |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task (dev metric) | majority class | teacher | defaults, 3 seeds | searched best, 3 seeds | "
+             "retention | parameters (non-embedding) | CPU latency vs teacher | trials (pruned) | wall |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         d, s = r["defaults"], r["searched_best"]
+        majority = "-" if r.get("majority_class") is None else f"{r['majority_class']:.4f}"
         lat = f"{s['latency_ms']:.1f} vs {s['teacher_latency_ms']:.1f} ms ({s['speedup']:.1f}x)"
         lines.append(
-            f"| {r['task']} ({r['metric']}) | {r['teacher']['metric']:.4f} | {d['mean']:.4f} +- {d['std']:.4f} | "
-            f"{s['mean']:.4f} +- {s['std']:.4f}{other_seeds(s)} | {pct(s['retention'])} | {s['params']['total']:,} "
+            f"| {r['task']} ({r['metric']}) | {majority} | {r['teacher']['metric']:.4f} | "
+            f"{d['mean']:.4f} +- {d['std']:.4f} | {s['mean']:.4f} +- {s['std']:.4f}{other_seeds(s)} | "
+            f"{pct(s['retention'])} | {s['params']['total']:,} "
             f"({s['params']['non_embedding']:,}) | {lat} | {r['trials']} ({r['pruned']}) | "
             f"{r['wall_seconds'] / 3600:.1f} h |")
     lines += ["", "Searched students by depth and the Pareto front (metric against latency), single-seed search "

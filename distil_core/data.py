@@ -23,6 +23,7 @@ from datasets.exceptions import DatasetNotFoundError
 from datasets.fingerprint import Hasher
 from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
 
+from distil_core.config import DataConfig
 from distil_core.errors import UserInputError
 from distil_core.tasks import Task, get_task
 
@@ -183,6 +184,12 @@ def train_subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
     if limit is None or limit >= len(ds):
         return ds
     return ds.shuffle(seed=seed).select(range(limit))
+
+
+def load_run_split(data: DataConfig, split: str, limit: int | None) -> Dataset:
+    """A GLUE split as a run sees it: its files, GLUE folder or hub, then its seeded subset of `limit` rows."""
+    files = {k: v for k, v in (("train", data.train_file), ("dev", data.dev_file)) if v} or None
+    return train_subset(load_glue(data.task, split, data.data_dir, files), limit, data.seed)
 
 
 def _tokenizer_id(tokenizer) -> str:

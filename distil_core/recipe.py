@@ -197,15 +197,12 @@ def _finetune_fn(cfg: Config, task: Task, train, collate, evaluate, device, prog
 
 def load_task_data(cfg: Config, task: Task, tokenizer, train_limit: int | None) -> tuple[Any, dict[str, Any], Callable]:
     """Tokenized train subset, dev split(s) and the padding collator of a GLUE task (all cached)."""
-    files = {k: v for k, v in (("train", cfg.data.train_file), ("dev", cfg.data.dev_file)) if v} or None
     tok_dir = str(cfg.cache_root() / "tokenized")
-    raw_train = data_mod.train_subset(data_mod.load_glue(task.name, "train", cfg.data.data_dir, files),
-                                      train_limit, cfg.data.seed)
+    raw_train = data_mod.load_run_split(cfg.data, "train", train_limit)
     train = data_mod.tokenize_task(raw_train, tokenizer, task, cfg.data.max_length, cache_dir=tok_dir)
     dev = {}
     for split in task.dev_splits:
-        raw = data_mod.train_subset(data_mod.load_glue(task.name, split, cfg.data.data_dir, files),
-                                    cfg.data.dev_limit, cfg.data.seed)
+        raw = data_mod.load_run_split(cfg.data, split, cfg.data.dev_limit)
         dev[split] = data_mod.tokenize_task(raw, tokenizer, task, cfg.data.max_length, cache_dir=tok_dir)
     return train, dev, data_mod.task_collator(tokenizer)
 

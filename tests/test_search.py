@@ -303,7 +303,14 @@ def check_glue_results_bench(exp: Path, meta: dict, confirm: list, tmp_path: Pat
     # the search chose the top-k on its own seed: the table also gives the mean of the other seeds alone
     other = [v for seed, v in zip(best["seeds"], best["values"]) if seed != meta["base"]["seed"]]
     assert len(other) == 1 and result["searched_best"]["other_seeds"]["values"] == other
+    # the majority-class baseline, from the run's own data: always train's most frequent label
+    glue = Path(meta["base"]["data"]["data_dir"]) / "SST-2"
+    labels = {split: [int(line.split("\t")[1]) for line in (glue / f"{split}.tsv").read_text().splitlines()[1:]]
+              for split in ("train", "dev")}
+    top = max(sorted(set(labels["train"])), key=labels["train"].count)  # ties: the lower label, as sklearn
+    assert result["majority_class"] == pytest.approx(labels["dev"].count(top) / len(labels["dev"]))
     row = bench.markdown([result]).splitlines()[2]
+    assert row.startswith(f"| sst2 (accuracy) | {result['majority_class']:.4f} | {teacher:.4f} |")
     assert f"{best['mean']:.4f} +- {best['std']:.4f} (seeds the search did not use: {other[0]:.4f})" in row
     assert f"{defaults['mean']:.4f} +- " in row
     # a per-depth search (`run sst2 --layers 2`): its own experiment, `--set student.num_layers=2`, its own lines
