@@ -64,7 +64,7 @@ def _print_summary(summary: dict) -> None:
     out.print(f"dev {metric}: {best['main']:.4f}{retention}")
     out.print(f"size: {best['params']:,} parameters vs teacher {teacher['params']:,} "
               f"({best['params'] / teacher['params']:.0%}); latency {best['latency_ms']:.1f} ms vs "
-              f"{best['teacher_latency_ms']:.1f} ms, {best['speedup']:.1f}x faster (batch 1, measured side by side in the trial)")
+              f"{best['teacher_latency_ms']:.1f} ms, {best['speedup']:.1f}x faster (batch 1, timed in turn in the trial)")
     d = summary.get("defaults_trial")
     if d and d.get("main") is not None:
         out.print(f"DistilBERT defaults (first trial, {d['status'].lower()}): dev {metric} {d['main']:.4f}")
