@@ -264,6 +264,8 @@ def unfinished_with_checkpoints(exp: Path) -> list[str]:
 
 
 def pack(task: str, storage: str, to: str, layers: int | None = None) -> int:
+    from search.run import tune_state_file
+
     exp = Path(storage) / experiment_name(task, layers)
     if not (exp / "distil_search.json").is_file():
         print(f"{exp}: no experiment to pack", file=sys.stderr)
@@ -277,11 +279,8 @@ def pack(task: str, storage: str, to: str, layers: int | None = None) -> int:
     archive = Path(to) / f"{exp.name}.tar.gz"
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(archive.name + ".tmp")
-    from search.run import tune_state_file
-
     # Tune writes a new state file per run of a search and restores from the newest (tune_state_file)
-    newest = {exp.name / state.relative_to(exp) for folder in (exp, exp / "confirm")
-              if (state := tune_state_file(folder) if folder.is_dir() else None)}
+    newest = {exp.name / state.relative_to(exp) for state in map(tune_state_file, (exp, exp / "confirm")) if state}
 
     def skip(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         # checkpoints, TensorBoard events, superseded Tune states and the report (which `table` writes
