@@ -91,8 +91,11 @@ def mean_std(values: list[float]) -> dict[str, Any]:
 
 
 def majority_class(meta: dict[str, Any]) -> dict[str, float] | None:
-    """The majority-class baseline on the run's own train subset and dev split (read from its data
-    config: GLUE_DIR, data_dir or files); None for regression or where the data is not found."""
+    """The majority-class baseline on the run's own train subset and dev split: as the search recorded it,
+    or (searches begun before it did) from its data config (GLUE_DIR, data_dir or files); None for
+    regression or where the data is not found."""
+    if "majority_class" in meta:
+        return meta["majority_class"]
     from distil_core.config import DataConfig
     from distil_core.data import load_run_split
     from distil_core.errors import UserInputError

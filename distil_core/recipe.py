@@ -23,7 +23,7 @@ from .config import Config, LossConfig, OptimConfig, save_config
 from .errors import UserInputError
 from .losses import make_projection
 from .student import build_student, describe_student, spec_from_config
-from .tasks import Task, compute_metrics, get_task, prediction_loss
+from .tasks import Task, compute_metrics, get_task, majority_baseline, prediction_loss
 from .teacher import (
     CachedTeacherOutputs,
     LiveTeacher,
@@ -74,6 +74,13 @@ class Prepared:
             "outputs": str(self.signal.folder),
             "hidden": self.signal.hidden is not None,
         }
+
+    def majority_baseline(self) -> dict[str, float] | None:
+        """Dev metrics of always predicting this run's most frequent train label: the floor a student must
+        clear to have learnt anything. None for regression and for mlm."""
+        if self.cfg.objective == "mlm":
+            return None
+        return majority_baseline(self.task, self.train["labels"], self.dev[self.task.dev_splits[0]]["labels"])
 
     @property
     def main_metric(self) -> str:
@@ -348,6 +355,7 @@ def distill(
         "main_metric": main_metric,
         "metrics": result.metrics,
         "teacher_metrics": {f"dev/{k}": v for k, v in prep.teacher_metrics.items()},
+        "majority_class_metrics": {f"dev/{k}": v for k, v in (prep.majority_baseline() or {}).items()},
         "student": describe_student(student, cfg.data.max_length),
         "teacher": describe_student(prep.teacher, cfg.data.max_length),
         "train_seconds": result.train_seconds,

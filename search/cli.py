@@ -34,6 +34,8 @@ def _train(args: argparse.Namespace) -> int:
     line = f"student {key} = {summary['metrics'].get(key, float('nan')):.4f}"
     if teacher:
         line += f" (teacher {teacher:.4f}, retention {summary['metrics'][key] / teacher:.1%})"
+    if (floor := summary.get("majority_class_metrics", {}).get(key)) is not None:
+        line += f"; majority class {floor:.4f}"
     s, t = summary["student"], summary["teacher"]
     print(line)
     print(f"student {s['total']:,} parameters ({s['non_embedding']:,} non-embedding) vs teacher {t['total']:,}")
@@ -62,6 +64,8 @@ def _print_summary(summary: dict) -> None:
         out.print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
     retention = f" = {best['main'] / t_metric:.1%} of the teacher's {t_metric:.4f}" if t_metric else ""
     out.print(f"dev {metric}: {best['main']:.4f}{retention}")
+    if (floor := (summary.get("majority_class") or {}).get(metric)) is not None:
+        out.print(f"majority-class baseline: dev {metric} {floor:.4f}")  # the constant predictor's
     out.print(f"size: {best['params']:,} parameters vs teacher {teacher['params']:,} "
               f"({best['params'] / teacher['params']:.0%}); latency {best['latency_ms']:.1f} ms vs "
               f"{best['teacher_latency_ms']:.1f} ms, {best['speedup']:.1f}x faster (batch 1, timed in turn in the trial)")

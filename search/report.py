@@ -79,12 +79,20 @@ def plot_importance(imp: dict[str, float], path: Path, metric: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def plot_best_so_far(series: list[tuple[int, float]], teacher: float | None, path: Path, metric: str) -> None:
+def _majority_line(ax, floor: float | None) -> None:
+    """The constant predictor's score: trials at or below it learnt nothing (MRPC's F1 of it is 0.81)."""
+    if floor is not None:
+        ax.axhline(floor, ls=":", color="0.4", label=f"majority class {floor:.4f}")
+
+
+def plot_best_so_far(series: list[tuple[int, float]], teacher: float | None, path: Path, metric: str,
+                     floor: float | None = None) -> None:
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     ax.step([s for s, _ in series], [b for _, b in series], where="post", marker=".", label="best trial so far")
     if teacher is not None:
         ax.axhline(teacher, ls="--", color="k", label=f"teacher {teacher:.4f}")
+    _majority_line(ax, floor)
     ax.set(xlabel="training steps, all trials together (in arrival order)", ylabel=f"dev {metric}",
            title="Best so far")
     ax.legend(loc="lower right")
@@ -96,7 +104,7 @@ X_VALUES = {"params": lambda r: r["params"], "latency": lambda r: 1 / r["speedup
 
 
 def plot_pareto(rows, x: str, defaults, teacher: tuple[float, float | None], path: Path, metric: str,
-                xlabel: str) -> list[dict[str, Any]]:
+                xlabel: str, floor: float | None = None) -> list[dict[str, Any]]:
     """main against x (params or latency) for every trial, the Pareto front (max main, min x) over finished
     trials marked and connected, the defaults trial and the teacher marked; returns the front."""
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
@@ -115,13 +123,15 @@ def plot_pareto(rows, x: str, defaults, teacher: tuple[float, float | None], pat
                    label="DistilBERT defaults")
     if teacher[1] is not None:
         ax.scatter([teacher[0]], [teacher[1]], marker="X", s=90, color="k", zorder=3, label="teacher")
+    _majority_line(ax, floor)
     ax.set(xlabel=xlabel, ylabel=f"dev {metric}", title=f"dev {metric} against {xlabel}")
     ax.legend(loc="best", fontsize=8)
     fig.savefig(path, dpi=120)
     return front
 
 
-def plot_curves(top, defaults, histories, teacher: float | None, path: Path, metric: str) -> None:
+def plot_curves(top, defaults, histories, teacher: float | None, path: Path, metric: str,
+                floor: float | None = None) -> None:
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     extra = [defaults] if defaults and defaults not in top else []
@@ -132,6 +142,7 @@ def plot_curves(top, defaults, histories, teacher: float | None, path: Path, met
                 label=f"{r['trial_id']} ({label})")
     if teacher is not None:
         ax.axhline(teacher, ls="--", color="k", label="teacher")
+    _majority_line(ax, floor)
     ax.set(xlabel="training steps (trial)", ylabel=f"dev {metric}", title=f"Learning curves, top {len(top)} trials")
     ax.legend(loc="lower right", fontsize=8)
     fig.savefig(path, dpi=120)
@@ -182,15 +193,16 @@ def _write(exp: Path, folder: Path, top_k: int) -> None:
     meta, rows, histories = load_meta(exp), trial_rows(exp), trial_histories(exp)
     metric, t = meta["main_metric"], meta["teacher"]
     teacher = t["metrics"].get(metric)
+    floor = (meta.get("majority_class") or {}).get(metric)  # absent from searches begun before it was recorded
     defaults = rows[0] if rows and meta["tune"].get("defaults_first", True) else None
     top = top_trials(rows, top_k)
     series = best_so_far([p for h in histories.values() for p in h])
-    plot_best_so_far(series, teacher, folder / "best_so_far.png", metric)
+    plot_best_so_far(series, teacher, folder / "best_so_far.png", metric, floor)
     fronts = {"params": plot_pareto(rows, "params", defaults, (t["params"], teacher), folder / "pareto_params.png",
-                                    metric, "parameters"),
+                                    metric, "parameters", floor),
               "latency": plot_pareto(rows, "latency", defaults, (1.0, teacher), folder / "pareto_latency.png", metric,
-                                     "latency / the teacher's (batch 1)")}
-    plot_curves(top, defaults, histories, teacher, folder / "curves.png", metric)
+                                     "latency / the teacher's (batch 1)", floor)}
+    plot_curves(top, defaults, histories, teacher, folder / "curves.png", metric, floor)
     try:
         if not (exp / "optuna.db").is_file():
             raise ValueError("no optuna.db yet (saved when the search ends)")
@@ -207,6 +219,7 @@ def _write(exp: Path, folder: Path, top_k: int) -> None:
 
 def report_lines(exp, meta, rows, top, defaults, fronts, imp_md) -> list[str]:
     metric, t, tune_ = meta["main_metric"], meta["teacher"], meta["tune"]
+    floor = (meta.get("majority_class") or {}).get(metric)
     summary = json.loads((exp / "summary.json").read_text()) if (exp / "summary.json").is_file() else {}
     counts = Counter(STATUS.get(r["status"], r["status"].lower()) for r in rows)
     wall = summary.get("wall_seconds")
@@ -216,6 +229,8 @@ def report_lines(exp, meta, rows, top, defaults, fronts, imp_md) -> list[str]:
         f"- space: `{meta['space_file']}`" + (f" ({desc})" if (desc := meta["space"].get("description")) else ""),
         f"- task: {meta['base']['data']['task']}, main metric: dev {metric}",
         f"- teacher: `{t['name']}`, dev {metric} {_fmt(t['metrics'].get(metric), '.4f')}, {t['params']:,} parameters",
+        *([f"- majority-class baseline (always the most frequent train label): dev {metric} {floor:.4f}"]
+          if floor is not None else []),
         f"- search: {tune_['num_samples']} trials planned, objectives {', '.join(tune_['objectives'])}, "
         f"sampler {tune_.get('sampler', 'tpe')}, scheduler {tune_.get('scheduler', 'asha')}, seed {tune_.get('seed')}",
         f"- trials: {len(rows)} ({', '.join(f'{n} {s}' for s, n in counts.items())})",

@@ -253,6 +253,7 @@ def prepare_search(opts: SearchOptions) -> tuple[SearchSpace, dict[str, Any]]:
             "params": prep.teacher.num_parameters(),
             "latency_ms": measure_latency_ms(prep.teacher, cfg.data.max_length, device=prep.device),
         },
+        "majority_class": prep.majority_baseline(),
         "prepare_seconds": prep.timings,
         "artifacts": prep.artifacts(),
         "warm_points": warm_start_points(opts.warm_start, opts.storage) if opts.warm_start else [],
@@ -379,6 +380,7 @@ def summarise(exp: Experiment, meta: dict[str, Any], wall_seconds: float) -> dic
         "experiment": exp.uri,
         "main_metric": meta["main_metric"],
         "teacher": meta["teacher"],
+        "majority_class": meta.get("majority_class"),  # absent from searches begun before it was recorded
         "trials": len(rows),
         "counts": counts,
         "best": best,

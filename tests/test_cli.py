@@ -56,6 +56,7 @@ def test_train_cli_end_to_end(tmp_path):
     proc = cli("train", str(write_config(tmp_path)), "--no-progress", "--set", "student.num_layers=2")
     assert proc.returncode == 0, proc.stderr
     assert "student dev/accuracy" in proc.stdout and "retention" in proc.stdout
+    assert "majority class 0.5000" in proc.stdout  # balanced labels
     assert (tmp_path / "out" / "student" / "config.json").is_file()
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["student"]["num_layers"] == 2
 

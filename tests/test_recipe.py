@@ -1,5 +1,6 @@
 """End to end on tiny random BERTs: fine-tune + cache the teacher, distil, resume exactly, seeds, NaN, MLM."""
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from transformers import AutoModelForSequenceClassification
 from distil_core.config import Config, config_from_dict
 from distil_core.recipe import distill, prepare, seeded_student
 from distil_core.student import measure_latency_ms
-from tiny import write_corpus, write_sst2, write_tiny_teacher
+from tiny import sentence, write_corpus, write_sst2, write_tiny_teacher
 
 
 def make_cfg(tmp_path: Path, out: str = "run", **over) -> Config:
@@ -40,6 +41,7 @@ def test_end_to_end_task_distillation(tmp_path):
     assert summary["status"] == "completed" and summary["step"] == 8
     assert [h["step"] for h in summary["history"]] == [4, 8]
     assert "dev/accuracy" in summary["metrics"] and "dev/accuracy" in summary["teacher_metrics"]
+    assert summary["majority_class_metrics"] == {"dev/accuracy": 0.5}  # balanced labels
     assert summary["student"]["total"] < summary["teacher"]["total"]
     # the exported student is a plain transformers folder
     model = AutoModelForSequenceClassification.from_pretrained(out / "student")
@@ -63,6 +65,16 @@ def test_second_run_reuses_teacher_and_outputs(tmp_path):
     assert prep.teacher_identity.startswith("finetuned:")
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == stamps  # nothing rewritten
     assert prep.timings["teacher_s"] < 30
+
+
+def test_the_majority_class_floor_is_train_s_most_frequent_label_scored_on_dev(tmp_path):
+    cfg = make_cfg(tmp_path)
+    rng = random.Random(0)
+    for split, positive in (("train", lambda i: i % 4 != 0), ("dev", lambda i: i % 4 == 0)):  # 3/4 vs 1/4 positive
+        rows = [(sentence(rng, positive(i)), int(positive(i))) for i in range(32)]
+        (Path(cfg.data.data_dir) / "SST-2" / f"{split}.tsv").write_text(
+            "sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+    assert prepare(cfg, progress=False).majority_baseline() == {"accuracy": 0.25}
 
 
 def test_same_seed_same_metrics(tmp_path):

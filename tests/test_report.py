@@ -124,6 +124,7 @@ def test_report_of_a_tiny_two_objective_search(tmp_path, capsys, tiny_search):
     assert table[0].split(" | ")[1].startswith(summary["best"]["trial_id"])
     assert table[3].startswith(f"| **defaults** | **{rows[0]['trial_id']}** |") and len(table) == 4
     assert "objectives main, latency" in md and f"trials: {len(rows)} (" in md
+    assert "- majority-class baseline (always the most frequent train label): dev accuracy 0.5000" in md
     # best so far: over all results, monotone in steps and in the best value, ending at the overall best
     series = best_so_far([p for h in trial_histories(exp).values() for p in h])
     assert len(series) == sum(r["evaluations"] for r in rows)

@@ -135,6 +135,9 @@ def test_the_bucket_holds_the_whole_experiment(s3, uri_search):
     assert {"distil_search.json", "optuna.db", "summary.json"} <= set(rel)
     assert [k for k in rel if k.startswith("events.out.tfevents")]  # the HParams config
     assert uri_search.summary["experiment"] == "s3://distil/exps/tiny" and "s3://distil/exps/tiny" in uri_search.stdout
+    # balanced labels: the constant predictor's floor is recorded and printed
+    assert uri_search.meta["majority_class"] == uri_search.summary["majority_class"] == {"accuracy": 0.5}
+    assert "majority-class baseline: dev accuracy 0.5000" in uri_search.stdout
     trials = {k.split("/")[0] for k in rel if k.endswith("/result.json")}
     assert len(trials) == 2 == uri_search.summary["trials"] == uri_search.summary["counts"]["TERMINATED"]
     for trial in trials:
