@@ -112,8 +112,10 @@ def _status(args: argparse.Namespace) -> int:
     exp = resolve_experiment(args.experiment, args.storage)
     _say_mirror(exp)
     meta = load_meta(exp.local)
-    table = Table(title=f"{exp.name}: dev {meta['main_metric']} (teacher "
-                        f"{meta['teacher']['metrics'].get(meta['main_metric'], float('nan')):.4f})")
+    metric = meta["main_metric"]
+    floor = (meta.get("majority_class") or {}).get(metric)  # absent from searches begun before it was recorded
+    table = Table(title=f"{exp.name}: dev {metric} (teacher {meta['teacher']['metrics'].get(metric, float('nan')):.4f}"
+                        + (f", majority class {floor:.4f})" if floor is not None else ")"))
     keys = meta["searched_keys"]
     for col in ["trial", "state", *keys, "best", "last", "step"]:
         table.add_column(col)

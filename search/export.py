@@ -2,7 +2,8 @@
 
 DIR/student/    from_pretrained folder with tokenizer (weights: the trial's last checkpoint)
 DIR/train.yaml  the trial's complete distil_core config with the full-data schedule; `distil-search train` runs it
-DIR/summary.json  space, config, metrics, seeds, code version, data and teacher identity, size and latency
+DIR/summary.json  space, config, metrics, seeds, code version, data and teacher identity, size and latency,
+                  the majority-class baseline
 
 The exported student is evaluated again from DIR/student/ and both numbers are recorded, so a broken
 export shows up at once. DIR is written whole or not at all. An experiment on object storage is read from
@@ -133,6 +134,7 @@ def export(ref: str, out: str | Path, storage: str | None = None, trial_id: str 
             "data": {"task": cfg.data.task, **dataclasses.asdict(cfg.data), "train_file": artifacts and artifacts["train"],
                      "train_fingerprint": prep.train._fingerprint},
             "teacher": {k: meta["teacher"][k] for k in ("name", "path", "identity", "metrics", "params", "latency_ms")},
+            "majority_class": prep.majority_baseline(),  # the constant predictor's dev metrics: the floor
             "student": describe_student(student, cfg.data.max_length),
             "size_and_speed": {k: reported.get(k) for k in ("params", "params_ratio", "latency_ms",
                                                              "teacher_latency_ms", "speedup")},

@@ -85,6 +85,7 @@ def test_export_loads_with_from_pretrained_and_reproduces_the_metric(search):
     assert abs(summary["reevaluated"]["dev_accuracy"] - best["main"]) <= 0.005
     saved = json.loads((out / "summary.json").read_text())
     assert saved["teacher"]["identity"] and saved["code"]["git_commit"]
+    assert saved["majority_class"] == {"accuracy": 0.5}  # balanced labels
     assert saved["size_and_speed"]["params"] == best["params"] and saved["seeds"]["seed"] == 42
     assert set(saved["space"]["search"]) == set(search["space"]["search"])
 

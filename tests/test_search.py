@@ -399,6 +399,7 @@ def test_status_shows_a_trial_running_as_tune_saved_it(tiny_search, tmp_path, ca
     assert main(["status", str(exp)]) == 0
     out = capsys.readouterr().out
     assert out.count("RUNNING") == 1 and "as Tune last saved it" in out
+    assert "(teacher " in out and ", majority class 0.5000)" in out  # balanced labels
     # a live search rewrites the state file in place: a read that catches it empty tries again
     text = state_file.read_text()
     state_file.write_text("")
