@@ -49,6 +49,8 @@ def _train(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict) -> None:
     from rich.console import Console
 
+    from .run import majority_floor
+
     out = Console()
     metric, teacher = summary["main_metric"], summary["teacher"]
     c = summary["counts"]
@@ -64,7 +66,7 @@ def _print_summary(summary: dict) -> None:
         out.print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
     retention = f" = {best['main'] / t_metric:.1%} of the teacher's {t_metric:.4f}" if t_metric else ""
     out.print(f"dev {metric}: {best['main']:.4f}{retention}")
-    if (floor := (summary.get("majority_class") or {}).get(metric)) is not None:
+    if (floor := majority_floor(summary)) is not None:
         out.print(f"majority-class baseline: dev {metric} {floor:.4f}")  # the constant predictor's
     out.print(f"size: {best['params']:,} parameters vs teacher {teacher['params']:,} "
               f"({best['params'] / teacher['params']:.0%}); latency {best['latency_ms']:.1f} ms vs "
@@ -107,13 +109,13 @@ def _status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .run import load_meta, resolve_experiment, trial_rows, tune_state_file
+    from .run import load_meta, majority_floor, resolve_experiment, trial_rows, tune_state_file
 
     exp = resolve_experiment(args.experiment, args.storage)
     _say_mirror(exp)
     meta = load_meta(exp.local)
     metric = meta["main_metric"]
-    floor = (meta.get("majority_class") or {}).get(metric)  # absent from searches begun before it was recorded
+    floor = majority_floor(meta)
     table = Table(title=f"{exp.name}: dev {metric} (teacher {meta['teacher']['metrics'].get(metric, float('nan')):.4f}"
                         + (f", majority class {floor:.4f})" if floor is not None else ")"))
     keys = meta["searched_keys"]

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from distil_core.errors import UserInputError
 
-from .run import load_meta, pareto_front, trial_rows
+from .run import load_meta, majority_floor, pareto_front, trial_rows
 
 STATUS = {"TERMINATED": "finished", "PRUNED": "pruned", "ERROR": "failed"}
 
@@ -193,7 +193,7 @@ def _write(exp: Path, folder: Path, top_k: int) -> None:
     meta, rows, histories = load_meta(exp), trial_rows(exp), trial_histories(exp)
     metric, t = meta["main_metric"], meta["teacher"]
     teacher = t["metrics"].get(metric)
-    floor = (meta.get("majority_class") or {}).get(metric)  # absent from searches begun before it was recorded
+    floor = majority_floor(meta)
     defaults = rows[0] if rows and meta["tune"].get("defaults_first", True) else None
     top = top_trials(rows, top_k)
     series = best_so_far([p for h in histories.values() for p in h])
@@ -219,7 +219,7 @@ def _write(exp: Path, folder: Path, top_k: int) -> None:
 
 def report_lines(exp, meta, rows, top, defaults, fronts, imp_md) -> list[str]:
     metric, t, tune_ = meta["main_metric"], meta["teacher"], meta["tune"]
-    floor = (meta.get("majority_class") or {}).get(metric)
+    floor = majority_floor(meta)
     summary = json.loads((exp / "summary.json").read_text()) if (exp / "summary.json").is_file() else {}
     counts = Counter(STATUS.get(r["status"], r["status"].lower()) for r in rows)
     wall = summary.get("wall_seconds")

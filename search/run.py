@@ -117,6 +117,12 @@ def load_meta(exp: Path) -> dict[str, Any]:
     return json.loads((Path(exp) / META).read_text())
 
 
+def majority_floor(meta: dict[str, Any]) -> float | None:
+    """The majority-class baseline's main metric from distil_search.json or summary.json; None for
+    regression, mlm, and searches begun before it was recorded."""
+    return (meta.get("majority_class") or {}).get(meta["main_metric"])
+
+
 def num_evaluations(cfg: Config, n_train: int, batches: list[int]) -> int:
     """Evaluations a full trial makes (ASHA's max_t): the most over the batch sizes the space allows, each
     with its per-example schedule (rounding can differ by one)."""

@@ -12,7 +12,7 @@ import optuna
 import pytest
 import yaml
 
-from search.run import PrunedAwareOptunaSearch, make_scheduler
+from search.run import PrunedAwareOptunaSearch, majority_floor, make_scheduler
 from search.trainable import MAIN, RUNG_SCORE, rung_score
 from tiny import write_corpus, write_sst2, write_tiny_teacher
 
@@ -36,6 +36,13 @@ def test_stopped_trial_is_told_as_pruned_with_its_last_value():
     assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
     assert searcher._ot_study.trials[0].value == 0.6
     assert searcher._ot_study.trials[1].value == 0.9
+
+
+def test_majority_floor_is_the_main_metric_of_the_constant_predictor():
+    meta = {"main_metric": "f1", "majority_class": {"accuracy": 0.6838, "f1": 0.8122}}
+    assert majority_floor(meta) == 0.8122
+    assert majority_floor({"main_metric": "pearson", "majority_class": None}) is None  # regression
+    assert majority_floor({"main_metric": "accuracy"}) is None  # a search begun before it was recorded
 
 
 def test_a_trial_removes_the_scratch_folders_of_trials_killed_before_cleaning_up(tmp_path, monkeypatch):
