@@ -68,9 +68,11 @@ def _print_summary(summary: dict) -> None:
     out.print(f"dev {metric}: {best['main']:.4f}{retention}")
     if (floor := majority_floor(summary)) is not None:
         out.print(f"majority-class baseline: dev {metric} {floor:.4f}")  # the constant predictor's
+    # Two lines, so that neither wraps in an 80-column terminal.
     out.print(f"size: {best['params']:,} parameters vs teacher {teacher['params']:,} "
-              f"({best['params'] / teacher['params']:.0%}); latency {best['latency_ms']:.1f} ms vs "
-              f"{best['teacher_latency_ms']:.1f} ms, {best['speedup']:.1f}x faster (batch 1, timed in turn in the trial)")
+              f"({best['params'] / teacher['params']:.0%})")
+    out.print(f"latency: {best['latency_ms']:.1f} ms vs {best['teacher_latency_ms']:.1f} ms, "
+              f"{best['speedup']:.1f}x faster (batch 1, in turn)")
     d = summary.get("defaults_trial")
     if d and d.get("main") is not None:
         out.print(f"DistilBERT defaults (first trial, {d['status'].lower()}): dev {metric} {d['main']:.4f}")

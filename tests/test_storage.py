@@ -138,6 +138,12 @@ def test_the_bucket_holds_the_whole_experiment(s3, uri_search):
     # balanced labels: the constant predictor's floor is recorded and printed
     assert uri_search.meta["majority_class"] == uri_search.summary["majority_class"] == {"accuracy": 0.5}
     assert "majority-class baseline: dev accuracy 0.5000" in uri_search.stdout
+    # the size and latency lines fit 80 columns (rich wraps longer ones when piped)
+    lines = uri_search.stdout.splitlines()
+    size = next(line for line in lines if line.startswith("size: "))
+    latency = next(line for line in lines if line.startswith("latency: "))
+    assert "parameters vs teacher" in size and size.endswith("%)") and len(size) <= 80
+    assert latency.endswith("x faster (batch 1, in turn)") and len(latency) <= 80
     trials = {k.split("/")[0] for k in rel if k.endswith("/result.json")}
     assert len(trials) == 2 == uri_search.summary["trials"] == uri_search.summary["counts"]["TERMINATED"]
     for trial in trials:
