@@ -51,7 +51,7 @@ def _print_summary(summary: dict) -> None:
 
     from .run import majority_floor
 
-    out = Console()
+    out = Console(soft_wrap=True)  # a long experiment path stays one line, to copy
     metric, teacher = summary["main_metric"], summary["teacher"]
     c = summary["counts"]
     out.print(f"{summary['trials']} trials: {c['TERMINATED']} finished, {c['PRUNED']} pruned by ASHA, "
@@ -68,7 +68,7 @@ def _print_summary(summary: dict) -> None:
     out.print(f"dev {metric}: {best['main']:.4f}{retention}")
     if (floor := majority_floor(summary)) is not None:
         out.print(f"majority-class baseline: dev {metric} {floor:.4f}")  # the constant predictor's
-    # Two lines, so that neither wraps in an 80-column terminal.
+    # Two lines, so that neither runs past an 80-column terminal.
     out.print(f"size: {best['params']:,} parameters vs teacher {teacher['params']:,} "
               f"({best['params'] / teacher['params']:.0%})")
     out.print(f"latency: {best['latency_ms']:.1f} ms vs {best['teacher_latency_ms']:.1f} ms, "

@@ -61,6 +61,36 @@ def test_train_cli_end_to_end(tmp_path):
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["student"]["num_layers"] == 2
 
 
+def test_search_summary_lines_are_whole(capsys, monkeypatch):
+    """rich wraps at 80 columns when piped: the summary's lines must come out whole, paths included."""
+    from search.cli import _print_summary
+
+    monkeypatch.setenv("COLUMNS", "80")
+    exp = "/a/very/long/storage/path/that/goes/on/and/on/experiments/quickstart-sst2-20261127-154751"
+    best = {"overrides": {"loss.temperature": 2.0, "student.num_layers": 3}, "main": 0.79, "params": 17_390_594,
+            "latency_ms": 137.3, "teacher_latency_ms": 240.0, "speedup": 1.748}
+    summary = {"trials": 10, "counts": {"TERMINATED": 3, "PRUNED": 7, "ERROR": 0}, "wall_seconds": 2087.2,
+               "main_metric": "accuracy", "teacher": {"metrics": {"accuracy": 0.8}, "params": 22_713_986},
+               "majority_class": {"accuracy": 0.515}, "best": best, "experiment": exp,
+               "defaults_trial": {"main": 0.79, "status": "TERMINATED"}, "confirm": []}
+    capsys.readouterr()
+    _print_summary(summary)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "10 trials: 3 finished, 7 pruned by ASHA, 0 failed; 2087s",
+        "best configuration:",
+        "  loss.temperature: 2",
+        "  student.num_layers: 3",
+        "dev accuracy: 0.7900 = 98.8% of the teacher's 0.8000",
+        "majority-class baseline: dev accuracy 0.5150",
+        "size: 17,390,594 parameters vs teacher 22,713,986 (77%)",
+        "latency: 137.3 ms vs 240.0 ms, 1.7x faster (batch 1, in turn)",
+        "DistilBERT defaults (first trial, terminated): dev accuracy 0.7900",
+        f"results: {exp} (summary.json, optuna.db, trials)",
+    ]
+    assert all(len(line) <= 80 for line in lines[:-1])
+
+
 def test_bad_inputs_give_one_clear_message(tmp_path, capsys):
     cfg = write_config(tmp_path)
     assert_clean_error(cli("train", str(tmp_path / "nope.yaml")), "nope.yaml", "not found")  # the real entry point
