@@ -138,7 +138,7 @@ def test_the_bucket_holds_the_whole_experiment(s3, uri_search):
     # balanced labels: the constant predictor's floor is recorded and printed
     assert uri_search.meta["majority_class"] == uri_search.summary["majority_class"] == {"accuracy": 0.5}
     assert "majority-class baseline: dev accuracy 0.5000" in uri_search.stdout
-    # the size and latency lines fit 80 columns (rich wraps longer ones when piped)
+    # the size and latency lines, whole and within an 80-column terminal
     lines = uri_search.stdout.splitlines()
     size = next(line for line in lines if line.startswith("size: "))
     latency = next(line for line in lines if line.startswith("latency: "))
