@@ -224,6 +224,7 @@ def markdown(results: list[dict[str, Any]], per_depth: list[dict[str, Any]] | No
 
 def table(storage: str, docs: str | None) -> int:
     from search.report import write_report
+    from search.run import load_meta
 
     results, per_depth = [], []
     for task in TASKS:
@@ -234,7 +235,7 @@ def table(storage: str, docs: str | None) -> int:
         else:
             results.append(result)
             if docs:
-                report = write_report(exp).parent
+                report = write_report(exp, majority_class=majority_class(load_meta(exp))).parent
                 for plot in ("pareto_latency", "best_so_far"):
                     shutil.copy(report / f"{plot}.png", Path(docs) / f"glue-{task}-{plot.replace('_', '-')}.png")
         for layers in DEPTHS:

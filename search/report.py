@@ -164,9 +164,11 @@ def trials_table(top, defaults, keys: list[str], metric: str) -> list[str]:
     return lines
 
 
-def write_report(exp: Path, out: Path | None = None, top_k: int = 5) -> Path:
+def write_report(exp: Path, out: Path | None = None, top_k: int = 5,
+                 majority_class: dict[str, float] | None = None) -> Path:
     """Write report.md and its plots for the experiment folder exp (for one on object storage: its local
-    mirror) into out (default exp/report); returns report.md."""
+    mirror) into out (default exp/report); returns report.md. majority_class: the majority-class
+    baseline's dev metrics for a search that did not record them (one begun before it did)."""
     exp = Path(exp).resolve()
     out = Path(out) if out else exp / "report"
     if top_k < 1:
@@ -177,7 +179,7 @@ def write_report(exp: Path, out: Path | None = None, top_k: int = 5) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         tmp.chmod(0o755)
-        _write(exp, tmp, top_k)
+        _write(exp, tmp, top_k, majority_class)
         old = out.with_name(f".{out.name}-old-{time.time_ns()}")
         if out.exists():
             out.rename(old)
@@ -189,8 +191,10 @@ def write_report(exp: Path, out: Path | None = None, top_k: int = 5) -> Path:
     return out / "report.md"
 
 
-def _write(exp: Path, folder: Path, top_k: int) -> None:
+def _write(exp: Path, folder: Path, top_k: int, majority_class: dict[str, float] | None) -> None:
     meta, rows, histories = load_meta(exp), trial_rows(exp), trial_histories(exp)
+    if majority_class and not meta.get("majority_class"):
+        meta["majority_class"] = majority_class
     metric, t = meta["main_metric"], meta["teacher"]
     teacher = t["metrics"].get(metric)
     floor = majority_floor(meta)

@@ -1,4 +1,6 @@
 """distil-search report: the pure helpers on hand-made rows, then a report of a tiny real search."""
+import json
+import shutil
 from pathlib import Path
 
 import optuna
@@ -138,3 +140,11 @@ def test_report_of_a_tiny_two_objective_search(tmp_path, capsys, tiny_search):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     assert len([line for line in (tmp_path / "r" / "report.md").read_text().splitlines() if line.startswith("| ")]) == 3
     assert main(["report", "nope", "--storage", str(exp.parent)]) == 2
+    # a search begun before distil_search.json recorded the majority-class baseline: the caller passes it
+    old_exp = shutil.copytree(exp, tmp_path / "old", ignore=shutil.ignore_patterns("report"))
+    meta = json.loads((old_exp / "distil_search.json").read_text())
+    del meta["majority_class"]
+    (old_exp / "distil_search.json").write_text(json.dumps(meta))
+    assert "majority-class baseline" not in write_report(old_exp).read_text()
+    md = write_report(old_exp, majority_class={"accuracy": 0.4}).read_text()
+    assert "- majority-class baseline (always the most frequent train label): dev accuracy 0.4000" in md
