@@ -31,6 +31,7 @@ search between trials, so no unfinished trial has one) and TensorBoard events; `
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import statistics
@@ -90,10 +91,14 @@ def mean_std(values: list[float]) -> dict[str, Any]:
             "values": values}
 
 
-def majority_class(meta: dict[str, Any]) -> dict[str, float] | None:
-    """The majority-class baseline on the run's own train subset and dev split: as the search recorded it,
-    or (searches begun before it did) from its data config (GLUE_DIR, data_dir or files); None for
+@functools.cache  # table needs it twice per task (the row, the report): the data is read once
+def majority_class(exp: Path) -> dict[str, float] | None:
+    """The majority-class baseline on the search's own train subset and dev split: as the search recorded
+    it, or (searches begun before it did) from its data config (GLUE_DIR, data_dir or files); None for
     regression or where the data is not found."""
+    from search.run import load_meta
+
+    meta = load_meta(exp)
     if "majority_class" in meta:
         return meta["majority_class"]
     from distil_core.config import DataConfig
@@ -159,7 +164,7 @@ def task_result(exp: Path) -> dict[str, Any] | None:
         "metric": metric,
         "teacher": {"metric": teacher, "params": meta["teacher"]["params"],
                     "latency_ms": meta["teacher"]["latency_ms"]},
-        "majority_class": (majority_class(meta) or {}).get(metric),
+        "majority_class": (majority_class(exp) or {}).get(metric),
         "defaults": describe(by_id[defaults["trial_id"]], defaults),
         "searched_best": describe(by_id[searched["trial_id"]], searched),
         "searched_best_is_defaults": searched["defaults"],
@@ -224,7 +229,6 @@ def markdown(results: list[dict[str, Any]], per_depth: list[dict[str, Any]] | No
 
 def table(storage: str, docs: str | None) -> int:
     from search.report import write_report
-    from search.run import load_meta
 
     results, per_depth = [], []
     for task in TASKS:
@@ -235,7 +239,7 @@ def table(storage: str, docs: str | None) -> int:
         else:
             results.append(result)
             if docs:
-                report = write_report(exp, majority_class=majority_class(load_meta(exp))).parent
+                report = write_report(exp, majority_class=majority_class(exp)).parent
                 for plot in ("pareto_latency", "best_so_far"):
                     shutil.copy(report / f"{plot}.png", Path(docs) / f"glue-{task}-{plot.replace('_', '-')}.png")
         for layers in DEPTHS:
