@@ -331,6 +331,16 @@ def check_glue_results_bench(exp: Path, meta: dict, confirm: list, tmp_path: Pat
     depth_line = bench.markdown([], [{**result, "layers": 2}]).splitlines()[-1]
     assert depth_line.startswith(f"- sst2 2-layer search: searched best {best['mean']:.4f} +- {best['std']:.4f}")
     assert f"defaults at 2 layers {defaults['mean']:.4f}" in depth_line
+    # bench/stop_between_trials.py, which stops a search at a trial's end so that it can be packed, sees
+    # every trial of the search and of the confirmation as ended
+    from search.run import trial_rows
+
+    spec = importlib.util.spec_from_file_location("stopper", ROOT / "bench" / "stop_between_trials.py")
+    stopper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stopper)
+    ended = {f"{exp.name}/{r['trial_id']}" for r in trial_rows(exp)}
+    ended |= {f"confirm/{r['trial_id']}" for r in trial_rows(exp / "confirm")}
+    assert len(ended) > 3 and stopper.ended_trials(exp) == ended
     # pack leaves the checkpoints out; unpack on "another machine" gives the same trials back
     bench.experiment_name = lambda task, layers=None: exp.name
     assert bench.unfinished_with_checkpoints(exp) == []
