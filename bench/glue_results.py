@@ -27,22 +27,31 @@ A search takes longer than one working session, and the next session may start o
 `pack` archives the experiment without its checkpoints (trials that finished do not need them; stop the
 search between trials, so no unfinished trial has one) and TensorBoard events; `run` then resumes it, and
 `resume` prepares the caches again where they are gone (same names, same teacher: its fine-tuning is seeded).
+`stop` Ctrl-Cs the search as soon as one more of its trials (search or confirmation) ends, from HH:MM on;
+PID is the `python -m search.cli` process (`pgrep -f "search.cli .*glue-small-sst2"`), not this script:
+
+    python bench/glue_results.py stop sst2 --storage S --pid PID [--after 23:00]; ... pack ...
 """
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import functools
 import json
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
 TASKS = ("sst2", "mrpc", "cola", "stsb")
 FULL_TRAIN = ("mrpc", "cola", "stsb")  # the issue asks for full train sets; SST-2 keeps the 8k subset
+ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again
 DEPTHS = (1, 2, 3, 4)  # glue-small's student.num_layers range, for per-depth searches (--layers)
 
 
@@ -257,18 +266,65 @@ def table(storage: str, docs: str | None) -> int:
     return 0
 
 
+def saved_statuses(exp: Path) -> dict[tuple[Path, str], str]:
+    """(folder, trial id) -> status as Tune saved it, for the search and for its confirmation."""
+    from search.run import _saved_statuses, tune_state_file
+
+    found = {}
+    for folder in (exp, exp / "confirm"):
+        state = tune_state_file(folder) if folder.is_dir() else None
+        found |= {(folder, trial_id): status for trial_id, status in (_saved_statuses(state) if state else {}).items()}
+    return found
+
+
 def unfinished_with_checkpoints(exp: Path) -> list[str]:
     """Trials (of the search and of its confirmation) that Tune saved as not finished but that hold
     checkpoints: a resume would restore them from a checkpoint that a pack leaves out."""
-    from search.run import _saved_statuses, tune_state_file
+    return [f"{folder.name}/{trial_id} ({status})" for (folder, trial_id), status in saved_statuses(exp).items()
+            if status not in ENDED and any(folder.glob(f"*_{trial_id}_*/checkpoint_*"))]
 
-    found = []
-    for folder in (exp, exp / "confirm"):
-        state = tune_state_file(folder) if folder.is_dir() else None
-        for trial_id, status in (_saved_statuses(state) if state else {}).items():
-            if status not in ("TERMINATED", "ERROR") and any(folder.glob(f"*_{trial_id}_*/checkpoint_*")):
-                found.append(f"{folder.name}/{trial_id} ({status})")
-    return found
+
+def ended_trials(exp: Path) -> set[str]:
+    while True:  # Tune rewrites its state in place: a read can catch it half-written
+        try:
+            return {f"{f.name}/{t}" for (f, t), status in saved_statuses(exp).items() if status in ENDED}
+        except ValueError:
+            time.sleep(1)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop(task: str, storage: str, pid: int, after: str | None, layers: int | None = None) -> int:
+    """SIGINT the search process as soon as one more trial ends (from `after` on), so `pack` finds no
+    unfinished trial with a checkpoint: the next trial has not reached its first evaluation yet."""
+    exp = Path(storage) / experiment_name(task, layers)
+    if not (exp / "distil_search.json").is_file():
+        print(f"{exp}: no experiment to stop", file=sys.stderr)
+        return 2
+    if not alive(pid):
+        print(f"--pid {pid}: no such process", file=sys.stderr)
+        return 2
+    start = dt.datetime.combine(dt.date.today(), dt.time.fromisoformat(after)) if after else None
+    while start and dt.datetime.now() < start:
+        time.sleep(10)
+    seen = ended_trials(exp)
+    while alive(pid):
+        new = ended_trials(exp) - seen
+        if new:
+            print(f"{time.strftime('%H:%M:%S')} ended: {', '.join(sorted(new))}; Ctrl-C to {pid}", flush=True)
+            os.kill(pid, signal.SIGINT)
+            while alive(pid):
+                time.sleep(2)
+            break
+        time.sleep(5)
+    print(f"{time.strftime('%H:%M:%S')} process {pid} has exited", flush=True)
+    return 0
 
 
 def pack(task: str, storage: str, to: str, layers: int | None = None) -> int:
@@ -320,6 +376,14 @@ def unpack(task: str, storage: str, source: str, layers: int | None = None) -> i
     return 0
 
 
+def hhmm(text: str) -> str:
+    try:
+        dt.time.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time of day as HH:MM") from None
+    return text
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -329,7 +393,10 @@ def main() -> int:
     p.add_argument("--to", required=True, help="folder for <experiment>.tar.gz")
     u = sub.add_parser("unpack", help="put a packed experiment back under --storage")
     u.add_argument("--from", dest="source", required=True)
-    for cmd in (r, p, u):
+    s = sub.add_parser("stop", help="Ctrl-C the search as soon as one more trial ends, so that it can be packed")
+    s.add_argument("--pid", type=int, required=True, help="the `python -m search.cli` process")
+    s.add_argument("--after", type=hhmm, help="HH:MM today: trials that end before it do not count")
+    for cmd in (r, p, u, s):
         cmd.add_argument("task", choices=TASKS)
         cmd.add_argument("--storage", required=True)
         cmd.add_argument("--layers", type=int, choices=DEPTHS,
@@ -342,6 +409,8 @@ def main() -> int:
         return run(args.task, str(Path(args.storage).resolve()), args.cache_dir, args.layers)
     if args.cmd == "pack":
         return pack(args.task, args.storage, args.to, args.layers)
+    if args.cmd == "stop":
+        return stop(args.task, args.storage, args.pid, args.after, args.layers)
     if args.cmd == "unpack":
         return unpack(args.task, args.storage, args.source, args.layers)
     return table(args.storage, args.docs)

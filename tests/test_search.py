@@ -289,14 +289,41 @@ def test_pareto_confirm_and_warm_start(tmp_path, capfd, monkeypatch):
     assert any(p == best_params for p in enqueued[1:]), (best_params, enqueued)
 
 
-def check_glue_results_bench(exp: Path, meta: dict, confirm: list, tmp_path: Path) -> None:
-    """bench/glue_results.py on a finished, confirmed experiment: the README table's row, and the pack /
-    unpack that carries a search to the next session."""
+def load_glue_results():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("glue_results", ROOT / "bench" / "glue_results.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_glue_results_stop_ctrl_cs_the_search_once_one_more_trial_ends(tmp_path, monkeypatch, capsys):
+    bench = load_glue_results()
+    exp = tmp_path / "glue-small-stsb"
+    assert bench.stop("stsb", str(tmp_path), os.getpid(), None) == 2  # no experiment there
+    assert "no experiment to stop" in capsys.readouterr().err
+    exp.mkdir()
+    (exp / "distil_search.json").write_text("{}")
+    search = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    threading.Thread(target=search.wait, daemon=True).start()  # reaps it, as glue_results' `run` does
+    reads = iter([{"glue-small-stsb/a"}] * 2 + [{"glue-small-stsb/a", "confirm/b"}])
+    monkeypatch.setattr(bench, "ended_trials", lambda e: next(reads))
+    assert bench.stop("stsb", str(tmp_path), search.pid, None) == 0
+    assert search.returncode is not None and search.returncode != 0  # interrupted, not run out
+    assert "ended: confirm/b" in capsys.readouterr().out
+    assert bench.stop("stsb", str(tmp_path), search.pid, None) == 2  # the process is gone
+    with pytest.raises(SystemExit):
+        monkeypatch.setattr(sys, "argv", ["glue_results.py", "stop", "stsb", "--storage", "S", "--pid", "1",
+                                          "--after", "25:00"])
+        bench.main()
+    assert "'25:00' is not a time of day as HH:MM" in capsys.readouterr().err
+
+
+def check_glue_results_bench(exp: Path, meta: dict, confirm: list, tmp_path: Path) -> None:
+    """bench/glue_results.py on a finished, confirmed experiment: the README table's row, and the pack /
+    unpack that carries a search to the next session."""
+    bench = load_glue_results()
     result = bench.task_result(exp)
     (defaults,) = [c for c in confirm if c["defaults"]]
     best = max((c for c in confirm if c["top_k"]), key=lambda c: c["mean"])
@@ -331,16 +358,13 @@ def check_glue_results_bench(exp: Path, meta: dict, confirm: list, tmp_path: Pat
     depth_line = bench.markdown([], [{**result, "layers": 2}]).splitlines()[-1]
     assert depth_line.startswith(f"- sst2 2-layer search: searched best {best['mean']:.4f} +- {best['std']:.4f}")
     assert f"defaults at 2 layers {defaults['mean']:.4f}" in depth_line
-    # bench/stop_between_trials.py, which stops a search at a trial's end so that it can be packed, sees
-    # every trial of the search and of the confirmation as ended
+    # `stop`, which Ctrl-Cs a search at a trial's end so that it can be packed, sees every trial of the
+    # search and of the confirmation as ended
     from search.run import trial_rows
 
-    spec = importlib.util.spec_from_file_location("stopper", ROOT / "bench" / "stop_between_trials.py")
-    stopper = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stopper)
     ended = {f"{exp.name}/{r['trial_id']}" for r in trial_rows(exp)}
     ended |= {f"confirm/{r['trial_id']}" for r in trial_rows(exp / "confirm")}
-    assert len(ended) > 3 and stopper.ended_trials(exp) == ended
+    assert len(ended) > 3 and bench.ended_trials(exp) == ended
     # pack leaves the checkpoints out; unpack on "another machine" gives the same trials back
     bench.experiment_name = lambda task, layers=None: exp.name
     assert bench.unfinished_with_checkpoints(exp) == []
