@@ -285,10 +285,12 @@ def unfinished_with_checkpoints(exp: Path) -> list[str]:
 
 
 def ended_trials(exp: Path) -> set[str]:
-    while True:  # Tune rewrites its state in place: a read can catch it half-written
+    for attempt in range(10):  # Tune rewrites its state in place: a read can catch it half-written
         try:
             return {f"{f.name}/{t}" for (f, t), status in saved_statuses(exp).items() if status in ENDED}
         except ValueError:
+            if attempt == 9:
+                raise
             time.sleep(1)
 
 
@@ -300,7 +302,7 @@ def alive(pid: int) -> bool:
     return True
 
 
-def stop(task: str, storage: str, pid: int, after: str | None, layers: int | None = None) -> int:
+def stop(task: str, storage: str, pid: int, after: dt.time | None, layers: int | None = None) -> int:
     """SIGINT the search process as soon as one more trial ends (from `after` on), so `pack` finds no
     unfinished trial with a checkpoint: the next trial has not reached its first evaluation yet."""
     exp = Path(storage) / experiment_name(task, layers)
@@ -310,7 +312,7 @@ def stop(task: str, storage: str, pid: int, after: str | None, layers: int | Non
     if not alive(pid):
         print(f"--pid {pid}: no such process", file=sys.stderr)
         return 2
-    start = dt.datetime.combine(dt.date.today(), dt.time.fromisoformat(after)) if after else None
+    start = dt.datetime.combine(dt.date.today(), after) if after else None
     while start and dt.datetime.now() < start:
         time.sleep(10)
     seen = ended_trials(exp)
@@ -376,12 +378,11 @@ def unpack(task: str, storage: str, source: str, layers: int | None = None) -> i
     return 0
 
 
-def hhmm(text: str) -> str:
+def hhmm(text: str) -> dt.time:
     try:
-        dt.time.fromisoformat(text)
+        return dt.time.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a time of day as HH:MM") from None
-    return text
 
 
 def main() -> int:
