@@ -266,32 +266,31 @@ def table(storage: str, docs: str | None) -> int:
     return 0
 
 
-def saved_statuses(exp: Path) -> dict[tuple[Path, str], str]:
+def saved_statuses_by_folder(exp: Path) -> dict[tuple[Path, str], str]:
     """(folder, trial id) -> status as Tune saved it, for the search and for its confirmation."""
-    from search.run import _saved_statuses, tune_state_file
+    from search.run import read_half_written_retrying, saved_statuses, tune_state_file
 
-    found = {}
-    for folder in (exp, exp / "confirm"):
-        state = tune_state_file(folder) if folder.is_dir() else None
-        found |= {(folder, trial_id): status for trial_id, status in (_saved_statuses(state) if state else {}).items()}
-    return found
+    def read() -> dict[tuple[Path, str], str]:
+        found = {}
+        for folder in (exp, exp / "confirm"):
+            state = tune_state_file(folder) if folder.is_dir() else None
+            statuses = saved_statuses(state) if state else {}
+            found |= {(folder, trial_id): status for trial_id, status in statuses.items()}
+        return found
+
+    return read_half_written_retrying(read)
 
 
 def unfinished_with_checkpoints(exp: Path) -> list[str]:
     """Trials (of the search and of its confirmation) that Tune saved as not finished but that hold
     checkpoints: a resume would restore them from a checkpoint that a pack leaves out."""
-    return [f"{folder.name}/{trial_id} ({status})" for (folder, trial_id), status in saved_statuses(exp).items()
+    return [f"{folder.name}/{trial_id} ({status})"
+            for (folder, trial_id), status in saved_statuses_by_folder(exp).items()
             if status not in ENDED and any(folder.glob(f"*_{trial_id}_*/checkpoint_*"))]
 
 
 def ended_trials(exp: Path) -> set[str]:
-    for attempt in range(10):  # Tune rewrites its state in place: a read can catch it half-written
-        try:
-            return {f"{f.name}/{t}" for (f, t), status in saved_statuses(exp).items() if status in ENDED}
-        except ValueError:
-            if attempt == 9:
-                raise
-            time.sleep(1)
+    return {f"{f.name}/{t}" for (f, t), status in saved_statuses_by_folder(exp).items() if status in ENDED}
 
 
 def alive(pid: int) -> bool:

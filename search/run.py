@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import optuna
 
@@ -52,6 +52,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # the live view reports tr
 # Reading an experiment (status, and Tuner.restore on resume) warns once per trial that has not reported
 # yet, with a FileNotFoundError each: pending trials are expected there.
 logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+T = TypeVar("T")
 
 # latency: the student's speed-up over the teacher timed beside it in the same trial; a trial's milliseconds
 # move with the machine's load (on SST-2 the teacher timed 40-127 ms across one search's trials)
@@ -308,15 +309,8 @@ def trial_rows(exp: Path | str) -> list[dict[str, Any]]:
 
     exp = Path(exp)
     state = tune_state_file(exp)
-    for attempt in range(10):  # a live search rewrites its state file in place: a read can catch it empty
-        try:
-            saved = _saved_statuses(state) if state else {}
-            analysis = ExperimentAnalysis(str(state or exp))
-            break
-        except ValueError:  # json.JSONDecodeError
-            if attempt == 9:
-                raise
-            time.sleep(0.1)
+    saved, analysis = read_half_written_retrying(
+        lambda: (saved_statuses(state) if state else {}, ExperimentAnalysis(str(state or exp))))
     rows = []
     # experiment_tag starts with the trial's creation index: the DistilBERT defaults trial is index 1
     for trial in sorted(analysis.trials, key=lambda t: int(str(t.experiment_tag).split("_")[0] or 0)):
@@ -355,7 +349,20 @@ def tune_state_file(exp: Path) -> Path | None:
     return states[-1] if states else None
 
 
-def _saved_statuses(state_file: Path) -> dict[str, str]:
+def read_half_written_retrying(read: Callable[[], T]) -> T:
+    """read() of a live search's state: Tune rewrites the file in place, so a read can catch it
+    half-written (json.JSONDecodeError, a ValueError); retried for up to 2 s."""
+    for attempt in range(10):
+        try:
+            return read()
+        except ValueError:
+            if attempt == 9:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
+
+
+def saved_statuses(state_file: Path) -> dict[str, str]:
     """trial id -> status as Tune saved it. Ray's loader turns RUNNING into PENDING (ready for a restore),
     which a table read while the search runs must not show."""
     state = json.loads(state_file.read_text())

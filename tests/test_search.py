@@ -446,6 +446,12 @@ def test_status_shows_a_trial_running_as_tune_saved_it(tiny_search, tmp_path, ca
     state_file.write_text("")
     threading.Timer(0.2, state_file.write_text, [text]).start()
     assert len(trial_rows(exp)) == len(statuses)
+    # and so does the bench's between-trials stopper, which reads the same file
+    bench = load_glue_results()
+    state_file.write_text("")
+    threading.Timer(0.2, state_file.write_text, [text]).start()
+    ended = {f"{exp.name}/{t}" for t in statuses if t != trial["trial_id"]}  # PRUNED is TERMINATED to Tune
+    assert bench.ended_trials(exp) == ended
 
 
 def test_reading_a_search_with_pending_trials_prints_no_ray_warnings(tiny_search, tmp_path):
