@@ -98,7 +98,7 @@ def children_cpu() -> float:
 
 
 def run(cluster, args, space: Path, storage: Path, name: str, n: int) -> list[dict]:
-    from search.run import trial_rows
+    from search.results import trial_rows
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env = cluster.client_env(base_env)

@@ -105,7 +105,7 @@ def majority_class(exp: Path) -> dict[str, float] | None:
     """The majority-class baseline on the search's own train subset and dev split: as the search recorded
     it, or (searches begun before it did) from its data config (GLUE_DIR, data_dir or files); None for
     regression or where the data is not found."""
-    from search.run import load_meta
+    from search.results import load_meta
 
     meta = load_meta(exp)
     if "majority_class" in meta:
@@ -127,7 +127,7 @@ def majority_class(exp: Path) -> dict[str, float] | None:
 
 
 def task_result(exp: Path) -> dict[str, Any] | None:
-    from search.run import load_meta, pareto_front, trial_rows
+    from search.results import load_meta, pareto_front, trial_rows
 
     summary_file = exp / "summary.json"
     if not (exp / "confirm.json").is_file() or not summary_file.is_file():
@@ -268,7 +268,7 @@ def table(storage: str, docs: str | None) -> int:
 
 def saved_statuses_by_folder(exp: Path) -> dict[tuple[Path, str], str]:
     """(folder, trial id) -> status as Tune saved it, for the search and for its confirmation."""
-    from search.run import read_half_written_retrying, saved_statuses, tune_state_file
+    from search.results import read_half_written_retrying, saved_statuses, tune_state_file
 
     def read() -> dict[tuple[Path, str], str]:
         found = {}
@@ -329,7 +329,7 @@ def stop(task: str, storage: str, pid: int, after: dt.time | None, layers: int |
 
 
 def pack(task: str, storage: str, to: str, layers: int | None = None) -> int:
-    from search.run import tune_state_file
+    from search.results import tune_state_file
 
     exp = Path(storage) / experiment_name(task, layers)
     if not (exp / "distil_search.json").is_file():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ray.tune import ExperimentAnalysis
 
-from search.run import trial_rows, tune_state_file
+from search.results import trial_rows, tune_state_file
 
 PARTS = ("setup", "eval", "checkpoint", "report")
 

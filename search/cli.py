@@ -49,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict) -> None:
     from rich.console import Console
 
-    from .run import majority_floor
+    from .results import majority_floor
 
     out = Console(soft_wrap=True)  # a long experiment path stays one line, to copy
     metric, teacher = summary["main_metric"], summary["teacher"]
@@ -111,7 +111,7 @@ def _status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .run import load_meta, majority_floor, resolve_experiment, trial_rows, tune_state_file
+    from .results import load_meta, majority_floor, resolve_experiment, trial_rows, tune_state_file
 
     exp = resolve_experiment(args.experiment, args.storage)
     _say_mirror(exp)
@@ -161,7 +161,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _tensorboard(args: argparse.Namespace) -> int:
-    from .run import resolve_experiment
+    from .results import resolve_experiment
     from .tensorboard import mirror_events, serve
 
     exp = resolve_experiment(args.experiment, args.storage, pull=False)
@@ -179,7 +179,7 @@ def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .report import write_report
-    from .run import resolve_experiment
+    from .results import resolve_experiment
 
     exp = resolve_experiment(args.experiment, args.storage)
     _say_mirror(exp)

@@ -29,7 +29,7 @@ from distil_core.recipe import build_run_student, task_evaluator
 from distil_core.student import describe_student
 
 from .artifacts import prepared_for
-from .run import load_meta, resolve_experiment, trial_rows
+from .results import load_meta, resolve_experiment, trial_rows
 from .trainable import trial_config
 
 

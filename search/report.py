@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from distil_core.errors import UserInputError
 
-from .run import load_meta, majority_floor, pareto_front, trial_rows
+from .results import load_meta, majority_floor, pareto_front, trial_rows
 
 STATUS = {"TERMINATED": "finished", "PRUNED": "pruned", "ERROR": "failed"}
 

@@ -8,7 +8,8 @@ import yaml
 
 @pytest.fixture(scope="session")
 def tiny_search(tmp_path_factory):
-    from search.run import SearchOptions, run_search, trial_rows
+    from search.results import trial_rows
+    from search.run import SearchOptions, run_search
     from test_search import write_space
 
     tmp = tmp_path_factory.mktemp("search")

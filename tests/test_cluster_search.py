@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from distil_core.errors import UserInputError
-from search.run import SearchOptions, resolve_experiment, run_search, trial_rows
+from search.results import resolve_experiment, trial_rows
+from search.run import SearchOptions, run_search
 from search.storage import parse_storage
 from test_search import write_space
 

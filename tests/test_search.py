@@ -12,7 +12,8 @@ import optuna
 import pytest
 import yaml
 
-from search.run import PrunedAwareOptunaSearch, majority_floor, make_scheduler
+from search.results import majority_floor
+from search.run import PrunedAwareOptunaSearch, make_scheduler
 from search.trainable import MAIN, RUNG_SCORE, rung_score
 from tiny import write_corpus, write_sst2, write_tiny_teacher
 
@@ -174,7 +175,8 @@ def cli(*args, **kw):
 
 @pytest.mark.slow
 def test_tiny_search_end_to_end(tmp_path):
-    from search.run import SearchOptions, load_meta, run_search, trial_rows
+    from search.results import load_meta, trial_rows
+    from search.run import SearchOptions, run_search
     from search.trainable import trial_config
 
     space = write_space(tmp_path)
@@ -216,7 +218,8 @@ def test_tiny_search_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_pareto_confirm_and_warm_start(tmp_path, capfd, monkeypatch):
-    from search.run import SearchOptions, run_search, trial_rows
+    from search.results import trial_rows
+    from search.run import SearchOptions, run_search
 
     space = write_space(tmp_path, num_samples=3, max_steps=4)
     storage = str(tmp_path / "exp")
@@ -237,7 +240,8 @@ def test_pareto_confirm_and_warm_start(tmp_path, capfd, monkeypatch):
     # a confirmation run again (as `resume` does after an interruption) restores its Tuner: nothing re-runs
     import ray
 
-    from search.run import confirm_top_k, load_meta, local_artifact_paths, resume_search
+    from search.results import load_meta
+    from search.run import confirm_top_k, local_artifact_paths, resume_search
     from search.storage import find_experiment
     exp = Path(first["experiment"])
     trials_before = sorted(p.name for p in (exp / "confirm").glob("distil_trainable_*"))
@@ -360,7 +364,7 @@ def check_glue_results_bench(exp: Path, meta: dict, confirm: list, tmp_path: Pat
     assert f"defaults at 2 layers {defaults['mean']:.4f}" in depth_line
     # `stop`, which Ctrl-Cs a search at a trial's end so that it can be packed, sees every trial of the
     # search and of the confirmation as ended
-    from search.run import trial_rows
+    from search.results import trial_rows
 
     ended = {f"{exp.name}/{r['trial_id']}" for r in trial_rows(exp)}
     ended |= {f"confirm/{r['trial_id']}" for r in trial_rows(exp / "confirm")}
@@ -391,7 +395,8 @@ def check_glue_results_bench(exp: Path, meta: dict, confirm: list, tmp_path: Pat
 def test_mlm_search_is_judged_by_the_glue_probe(tmp_path):
     """Objective mlm through Tune: each evaluation fine-tunes a copy of the student on the GLUE task (a
     probe) and that dev metric is what the trials report and ASHA compares."""
-    from search.run import SearchOptions, run_search, trial_rows
+    from search.results import trial_rows
+    from search.run import SearchOptions, run_search
 
     corpus = write_corpus(tmp_path / "corpus.txt")
     space = write_space(tmp_path, num_samples=3, objective="mlm", probe={"steps": 4, "train_limit": 32},
@@ -410,7 +415,8 @@ def test_mlm_search_is_judged_by_the_glue_probe(tmp_path):
 def test_two_trials_run_at_the_same_time(tmp_path):
     """max_concurrent 2 on a 2-CPU local Ray: some two trials' run windows overlap. Trials are made long
     enough (more steps) that Ray's worker start-up cannot serialise them."""
-    from search.run import SearchOptions, run_search, trial_rows
+    from search.results import trial_rows
+    from search.run import SearchOptions, run_search
 
     space = write_space(tmp_path, num_samples=2, optim={"lr": 1e-3, "batch_size": 16, "max_steps": 150, "eval_every": 50})
     summary = run_search(SearchOptions(space=str(space), name="two", storage=str(tmp_path / "exp"), live=False,
@@ -424,7 +430,7 @@ def test_two_trials_run_at_the_same_time(tmp_path):
 def test_status_shows_a_trial_running_as_tune_saved_it(tiny_search, tmp_path, capsys):
     """Mid-search, Tune's saved state says RUNNING; Ray's own loader turns that into PENDING (for a restore)."""
     from search.cli import main
-    from search.run import trial_rows, tune_state_file
+    from search.results import trial_rows, tune_state_file
 
     exp = tmp_path / "tiny"
     shutil.copytree(tiny_search["exp"], exp)

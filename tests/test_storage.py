@@ -89,7 +89,8 @@ def away(folder: Path):
 # ------------------------------------------------------------------------------ bad URIs (fast)
 @pytest.mark.parametrize("uri", ["http://example.com/x", "ftp://host/x", "s3://", "file://otherhost/x"])
 def test_storage_that_is_neither_folder_nor_object_storage_is_one_clear_error(tmp_path, uri):
-    from search.run import SearchOptions, resolve_experiment, run_search
+    from search.results import resolve_experiment
+    from search.run import SearchOptions, run_search
 
     with pytest.raises(UserInputError, match=r"^--storage .*expected a folder .* s3://BUCKET/PATH or gs://BUCKET/PATH"):
         run_search(SearchOptions(space=str(tmp_path / "no-such-space.yaml"), storage=uri, live=False))
