@@ -45,6 +45,7 @@ def majority_floor(meta: dict[str, Any]) -> float | None:
 
 
 def objective_metrics(names: list[str]) -> tuple[list[str], list[str]]:
+    """The reported metrics and Tune modes of the objectives a space names (main first)."""
     bad = [n for n in names if n not in OBJECTIVE_METRICS]
     if bad or not names or names[0] != "main":
         raise UserInputError(f"objectives {names}: expected 'main' first, then any of latency, params")
@@ -101,14 +102,12 @@ def tune_state_file(exp: Path) -> Path | None:
 def read_half_written_retrying(read: Callable[[], T]) -> T:
     """read() of a live search's state: Tune rewrites the file in place, so a read can catch it
     half-written (json.JSONDecodeError, a ValueError); retried for up to 2 s."""
-    for attempt in range(10):
+    for _ in range(9):
         try:
             return read()
         except ValueError:
-            if attempt == 9:
-                raise
             time.sleep(0.2)
-    raise AssertionError("unreachable")
+    return read()
 
 
 def saved_statuses(state_file: Path) -> dict[str, str]:
