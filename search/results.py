@@ -10,8 +10,8 @@ from typing import Any, Callable, TypeVar
 
 from distil_core.errors import UserInputError
 
+from . import MAIN
 from .storage import META, Experiment, find_experiment
-from .trainable import MAIN
 
 T = TypeVar("T")
 

@@ -39,14 +39,14 @@ from distil_core.recipe import prepare
 from distil_core.student import measure_latency_ms
 from distil_core.teacher import resolve_teacher
 
-from . import SearchInterrupted
+from . import MAIN, SearchInterrupted
 from .artifacts import ArtifactStore, upload
 from .results import load_meta, objective_metrics, pareto_front, resolve_experiment, trial_rows
 from .space import (SearchSpace, base_config, compile_space, defaults_point, fix_keys, load_space, searched_keys,
                     space_from_dict)
 from .storage import META, Experiment, parse_storage
 from .tensorboard import write_experiment_config
-from .trainable import MAIN, RUNG_SCORE, distil_trainable, per_example_schedule
+from .trainable import RUNG_SCORE, distil_trainable, per_example_schedule
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the live view reports trials instead

@@ -27,10 +27,10 @@ from distil_core.recipe import distill, seeded_student
 from distil_core.student import measure_latencies_ms
 from distil_core.trainer import EvalEvent
 
+from . import MAIN
 from .artifacts import ArtifactStore, prepared_for
 from .tensorboard import TRAINER_RUN, write_trial_session
 
-MAIN = "main"  # every trial reports its task's main dev metric under this name too
 RUNG_SCORE = "rung_score"  # what ASHA ranks trials by: MAIN, ties broken by the dev loss
 SCRATCH_PREFIX = "distil-ckpt-"
 

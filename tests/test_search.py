@@ -14,7 +14,8 @@ import yaml
 
 from search.results import majority_floor
 from search.run import PrunedAwareOptunaSearch, make_scheduler
-from search.trainable import MAIN, RUNG_SCORE, rung_score
+from search import MAIN
+from search.trainable import RUNG_SCORE, rung_score
 from tiny import write_corpus, write_sst2, write_tiny_teacher
 
 ROOT = Path(__file__).parents[1]
@@ -479,3 +480,17 @@ def test_reading_a_search_with_pending_trials_prints_no_ray_warnings(tiny_search
     proc = subprocess.run([sys.executable, "-c", script, str(exp)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Failed to fetch metrics" not in proc.stderr and "FileNotFoundError" not in proc.stderr, proc.stderr
+
+
+def test_status_loads_neither_torch_nor_transformers(tiny_search):
+    """`status` is what users poll while a search runs: reading Tune's state needs Ray, not the ~8 s of
+    torch and transformers imports that training does."""
+    script = ("import sys\n"
+              "from search.cli import main\n"
+              "code = main(['status', sys.argv[1]])\n"
+              "print('LOADED', sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n"
+              "sys.exit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny_search["exp"])], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOADED []" in proc.stdout, proc.stdout[-2000:]
