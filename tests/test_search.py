@@ -450,13 +450,16 @@ def test_status_shows_a_trial_running_as_tune_saved_it(tiny_search, tmp_path, ca
     assert "(teacher " in out and ", majority class 0.5000)" in out  # balanced labels
     # a live search rewrites the state file in place: a read that catches it empty tries again
     text = state_file.read_text()
-    state_file.write_text("")
-    threading.Timer(0.2, state_file.write_text, [text]).start()
+
+    def half_written_for_a_moment() -> None:
+        state_file.write_text("")
+        threading.Timer(0.2, state_file.write_text, [text]).start()
+
+    half_written_for_a_moment()
     assert len(trial_rows(exp)) == len(statuses)
     # and so does the bench's between-trials stopper, which reads the same file
     bench = load_glue_results()
-    state_file.write_text("")
-    threading.Timer(0.2, state_file.write_text, [text]).start()
+    half_written_for_a_moment()
     ended = {f"{exp.name}/{t}" for t in statuses if t != trial["trial_id"]}  # PRUNED is TERMINATED to Tune
     assert bench.ended_trials(exp) == ended
 
