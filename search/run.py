@@ -39,7 +39,7 @@ from distil_core.recipe import prepare
 from distil_core.student import measure_latency_ms
 from distil_core.teacher import resolve_teacher
 
-from . import MAIN, SearchInterrupted
+from . import SearchInterrupted
 from .artifacts import ArtifactStore, upload
 from .results import load_meta, objective_metrics, pareto_front, resolve_experiment, trial_rows
 from .space import (SearchSpace, base_config, compile_space, defaults_point, fix_keys, load_space, searched_keys,
@@ -320,15 +320,17 @@ def confirm_top_k(exp: Experiment, meta: dict[str, Any], k: int, seeds: int, cal
             tune_config=tune.TuneConfig(max_concurrent_trials=meta["tune"]["max_concurrent"]),
             run_config=run_config(meta, "confirm", exp.tune_path, callbacks, exp.fs),
         )
-    results = tuner.fit()
-    # stopped before the end (runs not started have no config yet): nothing to rank
-    if results.num_terminated + results.num_errors < len(runs) * seeds:
+    tuner.fit()
+    exp.pull()
+    # Tune's saved state, not the ResultGrid: after a Ctrl-C the grid calls runs never started TERMINATED
+    ran = trial_rows(exp.local / "confirm")
+    if sum(c["status"] in ("TERMINATED", "ERROR") for c in ran) < len(runs) * seeds:
         raise SearchInterrupted(f"confirmation interrupted; finish it with: distil-search resume {exp.name} "
                                 f"--storage {shlex.quote(str(exp.storage))}")
     ranking = []
     for r in runs:
-        by_seed = sorted((res.config["seed"], res.metrics[MAIN]) for res in results  # restored: any order
-                         if res.config["overrides"] == r["overrides"] and res.metrics and res.metrics.get(MAIN) is not None)
+        by_seed = sorted((c["seed"], c["main"]) for c in ran  # restored: any order
+                         if c["overrides"] == r["overrides"] and c["status"] == "TERMINATED" and c["main"] is not None)
         values = [v for _, v in by_seed]
         ranking.append({"trial_id": r["trial_id"], "overrides": r["overrides"], "search_value": r["main"],
                         "defaults": defaults is not None and r["overrides"] == defaults["overrides"],

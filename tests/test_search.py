@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -269,12 +270,30 @@ def test_pareto_confirm_and_warm_start(tmp_path, capfd, monkeypatch):
         resume_search("mo", storage, live=False)
     monkeypatch.undo()
     assert wall() >= before_confirm[0] + 2
-    # `resume` on a machine that lost the caches (and the space file): it prepares them again under the same
-    # names, and the trials that run on them (here the confirmation, from scratch) measure what they did
-    meta = load_meta(exp)
-    shutil.rmtree(tmp_path / "cache")
+    # a real Ctrl-C as the confirmation's first run ends, the others queued (on one CPU) and not begun: it
+    # stops with how to resume (Ray's ResultGrid calls queued runs TERMINATED, with no config: once a TypeError)
     shutil.rmtree(exp / "confirm")
     (exp / "confirm.json").unlink()
+    meta = load_meta(exp)
+    from ray import tune
+
+    all_queued = {**meta, "tune": {**meta["tune"], "max_concurrent": 4}}
+
+    class CtrlC(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            os.kill(os.getpid(), signal.SIGINT)
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        with pytest.raises(SearchInterrupted, match="distil-search resume mo"):
+            confirm_top_k(find_experiment(str(exp)), all_queued, 1, 2, [CtrlC()])
+    finally:
+        ray.shutdown()
+    statuses = [r["status"] for r in trial_rows(exp / "confirm")]
+    assert statuses.count("TERMINATED") == 1 and "PENDING" in statuses, statuses
+    assert not (exp / "confirm.json").exists()
+    # `resume` on a machine that lost the caches (and the space file): it prepares them again under the same
+    # names, and the trials that run on them (here the rest of the confirmation) measure what they did
+    shutil.rmtree(tmp_path / "cache")
     moved = space.rename(tmp_path / "moved.yaml")
     capfd.readouterr()
     resumed = resume_search("mo", storage, live=False)
