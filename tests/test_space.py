@@ -17,8 +17,8 @@ from transformers import AutoConfig, BertConfig
 from distil_core.config import apply_overrides, config_from_dict
 from distil_core.errors import UserInputError
 from distil_core.student import spec_from_config, student_config
-from search.space import (base_config, compile_space, defaults_point, fix_keys, load_space, searched_keys,
-                          space_file, space_from_dict)
+from search.space import (base_config, compile_space, config_of_params, config_point, defaults_point, fix_keys,
+                          load_space, searched_keys, space_file, space_from_dict)
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # TPE group=True
@@ -198,6 +198,25 @@ def test_defaults_point_fallbacks():
     assert point["optim.weight_decay"] == 0.01 and point["student.hidden_size"] == 32
     _, results = run(space, TINY, optuna.samplers.RandomSampler(seed=0), 2, first=point)
     assert results[0]["loss.alpha_kd"] == 5.0 and results[0]["student.init"] == "teacher-slice"
+
+
+def test_a_trial_config_is_re_expressed_in_a_space_that_fixes_a_key(minilm):
+    """--warm-start into a per-depth search: an earlier trial's config (rebuilt from its Optuna params) becomes
+    params of the fixed space that run the same config at the fixed depth."""
+    space = load_space(SPACES / "glue-small.yaml")
+    fixed = fix_keys(space, {"student.num_layers": 3})
+    study, results = run(space, minilm, optuna.samplers.RandomSampler(seed=1), 30)
+    assert {ov["student.num_layers"] for ov in results} == {1, 2, 3, 4}
+    for trial, ov in zip(study.trials, results):
+        assert config_of_params(space, minilm, None, trial.params) == ov  # params -> config, as the trial ran
+        again = config_of_params(fixed, minilm, None, config_point(fixed, minilm, None, ov))
+        assert again == pytest.approx({k: v for k, v in ov.items() if k != "student.num_layers"})
+    # a value the space does not offer: the nearest number, a float outside its range as is, the rest midpoint
+    point = config_point(fixed, minilm, None, {"student.hidden_size": 300, "optim.lr": 5e-3, "optim.batch_size": 64})
+    with pytest.warns(UserWarning, match="out of the range"):  # Optuna's, for the lr
+        ov = config_of_params(fixed, minilm, None, point)
+    assert (ov["student.hidden_size"], ov["optim.lr"], ov["optim.batch_size"]) == (256, 5e-3, 32)
+    assert ov["loss.temperature"] == pytest.approx(8 ** 0.5)
 
 
 def test_base_config_file_and_override(tmp_path):
