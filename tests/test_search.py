@@ -315,9 +315,11 @@ def test_pareto_confirm_and_warm_start(tmp_path, capfd, monkeypatch):
     as_run = functools.partial(config_of_params, load_space(space), AutoConfig.from_pretrained(tmp_path / "teacher"), None)
     enqueued = [as_run(t.params) for t in study2.trials]
     ranked = [as_run(t.params) for t in sorted(done, key=lambda t: t.values[0], reverse=True)[:3]]
-    rest = [c for c in ranked if c != pytest.approx(enqueued[0])]  # the defaults (first) run once
-    assert len(enqueued) == 2 and len(rest) == len(ranked) - 1 == len(done) - 1 >= 1, (ranked, enqueued)
-    assert enqueued[1] == pytest.approx(rest[0])  # the best completed trial other than the defaults
+    assert len(enqueued) == 2 and enqueued[0] == pytest.approx(trial_rows(exp)[0]["overrides"])  # the defaults first
+    assert enqueued[1] != pytest.approx(enqueued[0])  # and once: the earlier search ran them too
+    rest = [c for c in ranked if c != pytest.approx(enqueued[0])]
+    if rest:  # a completed trial besides the defaults (ASHA may have stopped the others: it depends on timing)
+        assert enqueued[1] == pytest.approx(rest[0])  # the best of them
 
 
 def test_warm_start_into_a_per_depth_search_puts_trials_of_that_depth_first(tmp_path):
