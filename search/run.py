@@ -127,12 +127,12 @@ def warm_start_points(ref: str, storage: str | None, space: SearchSpace, base: C
     study = optuna.load_study(study_name="optuna", storage=f"sqlite:///{exp / 'optuna.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     done.sort(key=lambda t: t.values[0], reverse=True)
-    then_space, then_base = space_from_dict(then["space"]), config_from_dict(then["base"]).to_dict()
-    then_teacher = then["teacher"]["path"] if Path(then["teacher"]["path"]).is_dir() else resolve_teacher(base.teacher.name)
+    then_space, then_base = space_from_dict(then["space"]), then["base"]  # base: the full config, as saved
     teacher_cfg = AutoConfig.from_pretrained(resolve_teacher(base.teacher.name))
+    then_path = Path(then["teacher"]["path"])  # the earlier teacher, where it is still on this machine
+    then_teacher = AutoConfig.from_pretrained(then_path) if then_path.is_dir() else teacher_cfg
     configs = [{**{k: dotted_get(then_base, k) for k in space.params},
-                **config_of_params(then_space, AutoConfig.from_pretrained(then_teacher), then_base, t.params)}
-               for t in done]
+                **config_of_params(then_space, then_teacher, then_base, t.params)} for t in done]
     now = base.to_dict()
     fixed = [k for k in then_space.params if k not in space.params]
     configs.sort(key=lambda c: all(c.get(key) == dotted_get(now, key) for key in fixed), reverse=True)  # stable
