@@ -174,7 +174,13 @@ def load_glue(task: str | Task, split: str, data_dir: str | None = None,
     if root:
         folder = Path(root).expanduser() / _GLUE_LAYOUT[task.name].folder
         return _read_glue_tsv(folder / f"{resolved}.tsv", task, resolved)
-    ds = load_dataset(HUB_GLUE, task.name, split=resolved.replace("dev", "validation"))
+    try:
+        ds = load_dataset(HUB_GLUE, task.name, split=resolved.replace("dev", "validation"))
+    except (OSError, DatasetNotFoundError) as e:  # offline (ConnectionError is an OSError), or no such dataset
+        raise UserInputError(
+            f"GLUE {task.name}: no data.data_dir or GLUE_DIR set, and the hub dataset {HUB_GLUE} could not be loaded "
+            f"({str(e).splitlines()[0]}); set GLUE_DIR to a folder in GLUE's layout "
+            f"(<dir>/{_GLUE_LAYOUT[task.name].folder}/train.tsv) or give data.train_file / data.dev_file") from None
     ds = ds.select_columns([*task.text_columns, "label"])
     return ds if ds.features == _features(task) else ds.cast(_features(task))
 

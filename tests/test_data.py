@@ -273,6 +273,16 @@ def test_hub_source_names_and_columns(monkeypatch):
 # --- user errors ------------------------------------------------------------------------------
 
 
+def test_hub_unreachable_is_one_message_naming_glue_dir(monkeypatch):
+    def offline(*a, **kw):
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    monkeypatch.setattr(data, "load_dataset", offline)
+    with pytest.raises(UserInputError, match=r"GLUE sst2: .*nyu-mll/glue could not be loaded \(Couldn't reach.*GLUE_DIR.*SST-2/train.tsv"):
+        load_glue("sst2", "train")
+
+
 def test_error_missing_glue_file(tmp_path):
     with pytest.raises(UserInputError, match=r"CoLA/train.tsv: GLUE file not found"):
         load_glue("cola", "train", data_dir=str(tmp_path))
