@@ -149,6 +149,14 @@ def _load_file(path: Path, task: Task, split: str) -> Dataset:
     )
 
 
+def _load_hub(what: str, fix: str, *args, **kwargs) -> Dataset:
+    """`load_dataset(*args, **kwargs)`; offline or no such dataset is one UserInputError: `what` ... `fix`."""
+    try:
+        return load_dataset(*args, **kwargs)
+    except (OSError, DatasetNotFoundError) as e:  # offline (ConnectionError is an OSError), or no such dataset
+        raise UserInputError(f"{what} could not be loaded ({str(e).splitlines()[0]}); {fix}") from None
+
+
 def load_glue(task: str | Task, split: str, data_dir: str | None = None,
               files: dict[str, str] | None = None) -> Dataset:
     """Load a GLUE split with the task's text column(s) and `label` (ClassLabel ints; float32 for stsb).
@@ -174,13 +182,10 @@ def load_glue(task: str | Task, split: str, data_dir: str | None = None,
     if root:
         folder = Path(root).expanduser() / _GLUE_LAYOUT[task.name].folder
         return _read_glue_tsv(folder / f"{resolved}.tsv", task, resolved)
-    try:
-        ds = load_dataset(HUB_GLUE, task.name, split=resolved.replace("dev", "validation"))
-    except (OSError, DatasetNotFoundError) as e:  # offline (ConnectionError is an OSError), or no such dataset
-        raise UserInputError(
-            f"GLUE {task.name}: no data.data_dir or GLUE_DIR set, and the hub dataset {HUB_GLUE} could not be loaded "
-            f"({str(e).splitlines()[0]}); set GLUE_DIR to a folder in GLUE's layout "
-            f"(<dir>/{_GLUE_LAYOUT[task.name].folder}/train.tsv) or give data.train_file / data.dev_file") from None
+    ds = _load_hub(f"GLUE {task.name}: no data.data_dir or GLUE_DIR set, and the hub dataset {HUB_GLUE}",
+                   f"set GLUE_DIR to a folder in GLUE's layout (<dir>/{_GLUE_LAYOUT[task.name].folder}/train.tsv) "
+                   "or give data.train_file / data.dev_file",
+                   HUB_GLUE, task.name, split=resolved.replace("dev", "validation"))
     ds = ds.select_columns([*task.text_columns, "label"])
     return ds if ds.features == _features(task) else ds.cast(_features(task))
 
@@ -263,10 +268,8 @@ def load_corpus(source: str, text_column: str = "text") -> Dataset:
     elif source.startswith((".", "/", "~")) or source.endswith(".txt") or source.count("/") > 1:
         raise UserInputError(f"{source}: corpus file or folder not found")
     else:
-        try:
-            ds = load_dataset(source, split="train")
-        except DatasetNotFoundError as err:
-            raise UserInputError(f"corpus {source!r}: not a local path and not found on the hub") from err
+        ds = _load_hub(f"corpus {source!r}: not a local path, and the hub dataset",
+                       "give data.corpus as a .txt file or a folder of .txt files", source, split="train")
         _check_columns(ds.column_names, [text_column], Path(source))
         ds = ds.select_columns([text_column])
         if text_column != "text":

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from datasets import Dataset
+from datasets.exceptions import DatasetNotFoundError
 from transformers import AutoTokenizer, BertTokenizer
 
 from distil_core import data
@@ -435,6 +436,17 @@ def test_load_corpus_hub_renames_text_column(monkeypatch):
     assert load_corpus("someone/corpus", text_column="content")[:] == {"text": ["a b", "c"]}
     with pytest.raises(UserInputError, match=r"someone/corpus: missing column\(s\) \['body'\]"):
         load_corpus("someone/corpus", text_column="body")
+
+
+@pytest.mark.parametrize("error", [ConnectionError("Couldn't reach 'someone/corpus' on the Hub"),
+                                   DatasetNotFoundError("Dataset 'someone/corpus' doesn't exist on the Hub")])
+def test_load_corpus_hub_unreachable_or_missing_is_one_message(monkeypatch, error):
+    def fail(*a, **kw):
+        raise error
+
+    monkeypatch.setattr(data, "load_dataset", fail)
+    with pytest.raises(UserInputError, match=r"corpus 'someone/corpus': .*could not be loaded \(.*someone/corpus.*\.txt file"):
+        load_corpus("someone/corpus")
 
 
 def test_tokenize_corpus_and_mlm_collator(tmp_path):
