@@ -27,7 +27,8 @@ A search takes longer than one working session, and the next session may start o
 `pack` archives the experiment without its checkpoints (trials that finished do not need them; stop the
 search between trials, so no unfinished trial has one) and TensorBoard events; `run` then resumes it, and
 `resume` prepares the caches again where they are gone (same names, same teacher: its fine-tuning is seeded).
-`stop` Ctrl-Cs the search as soon as one more of its trials (search or confirmation) ends, from HH:MM on;
+`stop` Ctrl-Cs the search once one more of its trials (search or confirmation) has ended, from HH:MM on,
+and no unfinished trial holds a checkpoint (with two trials at a time it waits for the other one too);
 PID is the `python -m search.cli` process (`pgrep -f "search.cli .*glue-small-sst2"`), not this script:
 
     python bench/glue_results.py stop sst2 --storage S --pid PID [--after 23:00]; ... pack ...
@@ -302,8 +303,9 @@ def alive(pid: int) -> bool:
 
 
 def stop(task: str, storage: str, pid: int, after: dt.time | None, layers: int | None = None) -> int:
-    """SIGINT the search process as soon as one more trial ends (from `after` on), so `pack` finds no
-    unfinished trial with a checkpoint: the next trial has not reached its first evaluation yet."""
+    """SIGINT the search process once one more trial has ended (from `after` on) and no unfinished trial
+    holds a checkpoint, so `pack` can archive it: with two trials at a time, the one still running when
+    the other ends is waited for, until every running trial is before its first evaluation."""
     exp = Path(storage) / experiment_name(task, layers)
     if not (exp / "distil_search.json").is_file():
         print(f"{exp}: no experiment to stop", file=sys.stderr)
@@ -315,14 +317,21 @@ def stop(task: str, storage: str, pid: int, after: dt.time | None, layers: int |
     while start and dt.datetime.now() < start:
         time.sleep(10)
     seen = ended_trials(exp)
+    ended: set[str] = set()
+    told: list[str] = []
     while alive(pid):
-        new = ended_trials(exp) - seen
-        if new:
-            print(f"{time.strftime('%H:%M:%S')} ended: {', '.join(sorted(new))}; Ctrl-C to {pid}", flush=True)
+        ended |= ended_trials(exp) - seen
+        holding = unfinished_with_checkpoints(exp) if ended else []
+        if ended and not holding:
+            print(f"{time.strftime('%H:%M:%S')} ended: {', '.join(sorted(ended))}; Ctrl-C to {pid}", flush=True)
             os.kill(pid, signal.SIGINT)
             while alive(pid):
                 time.sleep(2)
             break
+        if holding and holding != told:
+            print(f"{time.strftime('%H:%M:%S')} ended: {', '.join(sorted(ended))}; waiting for "
+                  f"{', '.join(holding)}, which holds a checkpoint", flush=True)
+            told = holding
         time.sleep(5)
     print(f"{time.strftime('%H:%M:%S')} process {pid} has exited", flush=True)
     return 0

@@ -373,13 +373,21 @@ def test_glue_results_stop_ctrl_cs_the_search_once_one_more_trial_ends(tmp_path,
     assert "no experiment to stop" in capsys.readouterr().err
     exp.mkdir()
     (exp / "distil_search.json").write_text("{}")
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
     search = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     threading.Thread(target=search.wait, daemon=True).start()  # reaps it, as glue_results' `run` does
-    reads = iter([{"glue-small-stsb/a"}] * 2 + [{"glue-small-stsb/a", "confirm/b"}])
+    # b ends while c (running beside it) holds a checkpoint: no Ctrl-C until c has ended too
+    reads = iter([{"glue-small-stsb/a"}] * 2 + [{"glue-small-stsb/a", "confirm/b"}] * 2
+                 + [{"glue-small-stsb/a", "confirm/b", "confirm/c"}] * 99)
+    holding = iter([["confirm/c (RUNNING)"]] * 2 + [[]] * 99)
     monkeypatch.setattr(bench, "ended_trials", lambda e: next(reads))
+    monkeypatch.setattr(bench, "unfinished_with_checkpoints", lambda e: next(holding))
     assert bench.stop("stsb", str(tmp_path), search.pid, None) == 0
-    assert search.returncode is not None and search.returncode != 0  # interrupted, not run out
-    assert "ended: confirm/b" in capsys.readouterr().out
+    assert search.wait(timeout=30) != 0  # interrupted, not run out
+    out = capsys.readouterr().out
+    assert out.count("waiting for confirm/c (RUNNING)") == 1
+    assert "ended: confirm/b, confirm/c; Ctrl-C" in out
+    assert next(holding) == [] and len(list(reads)) == 99 - 1  # stopped at the first clean read
     assert bench.stop("stsb", str(tmp_path), search.pid, None) == 2  # the process is gone
     with pytest.raises(SystemExit):
         monkeypatch.setattr(sys, "argv", ["glue_results.py", "stop", "stsb", "--storage", "S", "--pid", "1",
