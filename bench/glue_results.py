@@ -156,7 +156,7 @@ def task_result(exp: Path) -> dict[str, Any] | None:
         return out
 
     (defaults,) = [c for c in confirm if c["defaults"]]
-    searched = max((c for c in confirm if c["top_k"]), key=lambda c: c["mean"])
+    searched = next(c for c in confirm if c["top_k"])  # confirm.json is ranked
     confirmed = {c["trial_id"]: c for c in confirm}
     finished = [r for r in rows if r["status"] == "TERMINATED" and r["main"] is not None]
 

@@ -311,6 +311,12 @@ def _write(exp: Experiment, name: str, content: Any) -> None:
     exp.push(name)
 
 
+def confirm_rank(entry: dict[str, Any]) -> tuple[bool, float, float]:
+    """Sort key (descending) of a confirmed configuration: the higher mean, then the lower std. Means are
+    rounded first: on a dev set of n examples, equal counts summed in another order differ in the last bits."""
+    return entry["mean"] is not None, round(entry["mean"] or 0.0, 9), -entry["std"]
+
+
 def confirm_top_k(exp: Experiment, meta: dict[str, Any], k: int, seeds: int, callbacks: list) -> list[dict[str, Any]]:
     """Re-run the top-k finished configurations, and the DistilBERT defaults trial beside them, with `seeds`
     seeds each (the base seed and the next ones); rank by mean. An interrupted confirmation resumes."""
@@ -351,7 +357,7 @@ def confirm_top_k(exp: Experiment, meta: dict[str, Any], k: int, seeds: int, cal
                         "defaults": defaults is not None and r["overrides"] == defaults["overrides"],
                         "top_k": r in top, "seeds": [s for s, _ in by_seed], "values": values, "mean": statistics.fmean(values) if values else None,
                         "std": statistics.stdev(values) if len(values) > 1 else 0.0})
-    ranking.sort(key=lambda x: -1e9 if x["mean"] is None else x["mean"], reverse=True)
+    ranking.sort(key=confirm_rank, reverse=True)
     _write(exp, "confirm.json", ranking)
     return ranking
 

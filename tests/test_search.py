@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from search.results import majority_floor
-from search.run import PrunedAwareOptunaSearch, make_scheduler
+from search.run import PrunedAwareOptunaSearch, confirm_rank, make_scheduler
 from search import MAIN
 from search.trainable import RUNG_SCORE, rung_score
 from tiny import write_corpus, write_sst2, write_tiny_teacher
@@ -219,6 +220,17 @@ def test_tiny_search_end_to_end(tmp_path):
     assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1
 
 
+def test_confirm_rank_breaks_a_tie_on_the_mean_by_the_lower_std():
+    # SST-2's 2-layer confirmation (872 dev examples): 714+717+703 and 716+710+708 correct on 3 seeds, the
+    # same mean, which fmean put 1e-16 apart in the steadier one's disfavour
+    wide, steady = ({"trial_id": t, "mean": statistics.fmean(v), "std": statistics.stdev(v)}
+                    for t, v in (("wide", [714 / 872, 717 / 872, 703 / 872]), ("steady", [716 / 872, 710 / 872, 708 / 872])))
+    unrun = {"trial_id": "unrun", "mean": None, "std": 0.0}
+    better = {"trial_id": "better", "mean": 2135 / 2616, "std": 0.02}
+    ranked = sorted([unrun, wide, steady, better], key=confirm_rank, reverse=True)
+    assert [c["trial_id"] for c in ranked] == ["better", "steady", "wide", "unrun"]
+
+
 @pytest.mark.slow
 def test_pareto_confirm_and_warm_start(tmp_path, capfd, monkeypatch):
     from search.results import trial_rows
@@ -238,7 +250,7 @@ def test_pareto_confirm_and_warm_start(tmp_path, capfd, monkeypatch):
     assert defaults["overrides"] == trial_rows(Path(first["experiment"]))[0]["overrides"]
     for c in confirm:
         assert len(c["values"]) == 2 and c["mean"] == pytest.approx(sum(c["values"]) / 2)
-    assert [c["mean"] for c in confirm] == sorted((c["mean"] for c in confirm), reverse=True)
+    assert confirm == sorted(confirm, key=confirm_rank, reverse=True)
     assert json.loads((Path(first["experiment"]) / "confirm.json").read_text()) == confirm
     # a confirmation run again (as `resume` does after an interruption) restores its Tuner: nothing re-runs
     import ray
