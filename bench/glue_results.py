@@ -10,7 +10,7 @@ preset's seeded 8,000-example subset; MRPC, CoLA and STS-B on their full train s
 
 `run` starts the task's search, or resumes it where an earlier run (or session) stopped. `table` reads
 every finished task and writes glue_results.json and glue_results.md under the storage folder, plus the
-report plots (Pareto front against latency, best so far) as docs/glue-<task>-*.png. It reads the task's
+report plots (Pareto front against latency, best so far) as docs/glue-<task>[-<N>l]-*.png. It reads the task's
 data again for the majority-class baseline (always the train split's most frequent label), the score a
 student must beat to have learnt anything.
 
@@ -237,9 +237,20 @@ def markdown(results: list[dict[str, Any]], per_depth: list[dict[str, Any]] | No
     return "\n".join(lines) + "\n"
 
 
-def table(storage: str, docs: str | None) -> int:
+def copy_plots(exp: Path, docs: str) -> list[Path]:
+    """The experiment's report plots (Pareto front against latency, best so far) as docs/<experiment>-*.png,
+    the glue-small- prefix shortened to glue-."""
     from search.report import write_report
 
+    report = write_report(exp, majority_class=majority_class(exp)).parent
+    stem = exp.name.replace("glue-small-", "glue-", 1)
+    copies = [Path(docs) / f"{stem}-{plot.replace('_', '-')}.png" for plot in ("pareto_latency", "best_so_far")]
+    for plot, copy in zip(("pareto_latency", "best_so_far"), copies):
+        shutil.copy(report / f"{plot}.png", copy)
+    return copies
+
+
+def table(storage: str, docs: str | None) -> int:
     results, per_depth = [], []
     for task in TASKS:
         exp = Path(storage) / experiment_name(task)
@@ -249,14 +260,14 @@ def table(storage: str, docs: str | None) -> int:
         else:
             results.append(result)
             if docs:
-                report = write_report(exp, majority_class=majority_class(exp)).parent
-                for plot in ("pareto_latency", "best_so_far"):
-                    shutil.copy(report / f"{plot}.png", Path(docs) / f"glue-{task}-{plot.replace('_', '-')}.png")
+                copy_plots(exp, docs)
         for layers in DEPTHS:
             depth_exp = Path(storage) / experiment_name(task, layers)
             depth = task_result(depth_exp) if depth_exp.is_dir() else None
             if depth:
                 per_depth.append({**depth, "layers": layers})
+                if docs:
+                    copy_plots(depth_exp, docs)
             elif depth_exp.is_dir():
                 print(f"{task} {layers}-layer search: not finished ({depth_exp})")
     Path(storage, "glue_results.json").write_text(json.dumps({"tasks": results, "per_depth": per_depth}, indent=2,

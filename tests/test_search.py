@@ -414,7 +414,7 @@ def check_glue_results_bench(exp: Path, meta: dict, confirm: list, tmp_path: Pat
     bench = load_glue_results()
     result = bench.task_result(exp)
     (defaults,) = [c for c in confirm if c["defaults"]]
-    best = max((c for c in confirm if c["top_k"]), key=lambda c: c["mean"])
+    best = next(c for c in confirm if c["top_k"])  # confirm.json is ranked (confirm_rank)
     teacher = meta["teacher"]["metrics"][meta["main_metric"]]
     assert result["teacher"]["metric"] == teacher and result["trials"] == 3
     assert result["defaults"]["values"] == defaults["values"] and result["searched_best"]["mean"] == best["mean"]
@@ -459,6 +459,11 @@ def check_glue_results_bench(exp: Path, meta: dict, confirm: list, tmp_path: Pat
     from search.report import write_report
 
     write_report(exp)
+    # the report plots for docs/, named after the experiment (a per-depth one: glue-sst2-2l-*.png)
+    (tmp_path / "docs").mkdir()
+    plots = bench.copy_plots(exp, str(tmp_path / "docs"))
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == sorted(p.name for p in plots)
+    assert all(p.name.startswith(exp.name.replace("glue-small-", "glue-")) and p.stat().st_size > 0 for p in plots)
     assert bench.pack("sst2", str(exp.parent), str(tmp_path / "runs")) == 0
     assert bench.unpack("sst2", str(tmp_path / "elsewhere"), str(tmp_path / "runs")) == 0
     assert bench.unpack("sst2", str(tmp_path / "elsewhere"), str(tmp_path / "runs")) == 2  # never overwrites
