@@ -319,7 +319,7 @@ def confirm_rank(entry: dict[str, Any]) -> tuple[bool, float, float]:
 
 def confirm_top_k(exp: Experiment, meta: dict[str, Any], k: int, seeds: int, callbacks: list) -> list[dict[str, Any]]:
     """Re-run the top-k finished configurations, and the DistilBERT defaults trial beside them, with `seeds`
-    seeds each (the base seed and the next ones); rank by mean. An interrupted confirmation resumes."""
+    seeds each (the base seed and the next ones); rank by mean (confirm_rank). An interrupted confirmation resumes."""
     import statistics
 
     rows = trial_rows(exp.local)
