@@ -244,10 +244,8 @@ def copy_plots(exp: Path, docs: str) -> list[Path]:
 
     report = write_report(exp, majority_class=majority_class(exp)).parent
     stem = exp.name.replace("glue-small-", "glue-", 1)
-    copies = [Path(docs) / f"{stem}-{plot.replace('_', '-')}.png" for plot in ("pareto_latency", "best_so_far")]
-    for plot, copy in zip(("pareto_latency", "best_so_far"), copies):
-        shutil.copy(report / f"{plot}.png", copy)
-    return copies
+    return [Path(shutil.copy(report / f"{plot}.png", Path(docs) / f"{stem}-{plot.replace('_', '-')}.png"))
+            for plot in ("pareto_latency", "best_so_far")]
 
 
 def table(storage: str, docs: str | None) -> int:
